@@ -1,0 +1,165 @@
+"""Backend selection for every fused op, in one place.
+
+Backends, fastest first for each device:
+
+* ``triton`` - kernels/ (GPU; on CPU only under ``TRITON_INTERPRET=1``, which tests use).
+* ``cuda``   - csrc/cuda via ``fastft._C_cuda`` (GPU).
+* ``cpu``    - csrc/cpu via ``fastft._C`` (multi-threaded, SIMD dispatched at run time).
+* ``torch``  - the pure-PyTorch reference: the fallback everywhere and the test oracle.
+
+``FASTFT_BACKEND=auto|triton|cuda|cpu|torch`` forces a choice; a forced backend that is
+not available for an op raises a clear error rather than silently running something else.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+# Which backends each op implements. Ops add themselves here when they gain a backend.
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "adamw": ("triton", "cuda", "cpu", "torch"),
+    "cross_entropy": ("triton", "cuda", "cpu", "torch"),
+    "int8_linear": ("triton", "cuda", "cpu", "torch"),
+}
+# dtype codes shared with csrc/include/fastft/common.h
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@lru_cache(maxsize=None)
+def cpu_ext():
+    """The ``fastft._C`` module, or None (with one warning) when it was not built."""
+    try:
+        return importlib.import_module("fastft._C")
+    except ImportError as e:  # pragma: no cover - depends on the install
+        _warn_once("cpu_ext", f"fastft: C++ extension fastft._C not available ({e}); "
+                   "falling back to the pure-PyTorch reference ops.")
+        return None
+
+
+@lru_cache(maxsize=None)
+def cuda_ext():
+    """The ``fastft._C_cuda`` module, or None when it was not built or cannot load."""
+    try:
+        return importlib.import_module("fastft._C_cuda")
+    except ImportError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested_backend() -> str:
+    value = os.environ.get("FASTFT_BACKEND", "auto").strip().lower()
+    if value not in ("auto",) + BACKENDS:
+        raise ValueError(f"FASTFT_BACKEND={value!r}: expected one of auto, {', '.join(BACKENDS)}")
+    return value
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    """Backends that can run ``op`` on tensors living on ``device``, fastest first."""
+    device = torch.device(device)
+    implemented = OP_BACKENDS.get(op, ("torch",))
+    out = []
+    for b in implemented:
+        if b == "triton" and triton_available() and (device.type == "cuda" or triton_interpret()):
+            out.append(b)
+        elif b == "cuda" and device.type == "cuda":
+            ext = cuda_ext()
+            if ext is not None and op in getattr(ext, "ops", ()):
+                out.append(b)
+        elif b == "cpu" and device.type == "cpu":
+            ext = cpu_ext()
+            if ext is not None and op in getattr(ext, "ops", ()):
+                out.append(b)
+        elif b == "torch":
+            out.append(b)
+    return out
+
+
+def choose_backend(op: str, device: torch.device | str, forced: str | None = None) -> str:
+    """The backend ``op`` will use on ``device``.
+
+    ``forced`` (an argument) beats ``FASTFT_BACKEND`` (the environment) beats ``auto``.
+    Under ``auto`` the Triton interpreter is never chosen on CPU (it is a test tool,
+    100x slower than the C++ kernels); tests force it explicitly.
+    """
+    want = forced or requested_backend()
+    avail = available_backends(op, device)
+    if want == "auto":
+        device = torch.device(device)
+        if device.type == "cpu":
+            avail = [b for b in avail if b != "triton"]
+        return avail[0] if avail else "torch"
+    if want not in avail:
+        raise RuntimeError(
+            f"fastft: backend {want!r} requested for op {op!r} on {torch.device(device).type}, "
+            f"but only {', '.join(avail) or 'none'} is available there")
+    return want
+
+
+def describe() -> dict:
+    """Everything ``fastft env`` prints: versions, CPU features, built backends, op choices."""
+    import platform
+
+    info: dict = {"python": platform.python_version(), "torch": torch.__version__,
+                  "platform": platform.platform(), "processor": _cpu_name()}
+    for mod in ("transformers", "triton", "peft"):
+        try:
+            info[mod] = importlib.import_module(mod).__version__
+        except Exception:
+            info[mod] = "not installed"
+    ext = cpu_ext()
+    info["cpu_features"] = ext.cpu_features() if ext is not None else "unknown (fastft._C not built)"
+    info["built"] = {
+        "fastft._C (cpu)": list(getattr(ext, "ops", [])) if ext is not None else "not built",
+        "fastft._C_cuda (cuda)": list(getattr(cuda_ext(), "ops", [])) if cuda_ext() is not None else "not built",
+        "triton": triton_available(),
+    }
+    info["cuda_available"] = torch.cuda.is_available()
+    info["FASTFT_BACKEND"] = os.environ.get("FASTFT_BACKEND", "auto")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    choices = {}
+    for op in OP_BACKENDS:
+        try:
+            choices[op] = f"{choose_backend(op, dev)} (on {dev})"
+        except RuntimeError as e:
+            choices[op] = f"error: {e}"
+    info["ops"] = choices
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
+def ptr(t: torch.Tensor) -> int:
+    """Raw data pointer of a tensor for the C++ boundary."""
+    return t.data_ptr()

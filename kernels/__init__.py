@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (ships as ``fastft.kernels``). One file per op."""

@@ -1,0 +1,100 @@
+"""Build the C++ extensions of fastft.
+
+* ``fastft._C``      - CPU kernels (csrc/cpu/*.cpp), pybind11, C++17, OpenMP, -O3.
+  No ``-march=native``: hot loops carry GCC ``target_clones`` so one binary picks
+  AVX-512, AVX2 or scalar code at load time on any x86-64 CPU.
+* ``fastft._C_cuda`` - CUDA kernels (csrc/cuda/*.cu), built only when ``nvcc`` is found
+  and ``FASTFT_NO_CUDA`` is not 1, for the architectures in ``FASTFT_CUDA_ARCHS``
+  (default ``80;90``).
+
+Both talk to Python through raw pointers and sizes validated on the Python side, so
+neither links against torch and the build never imports torch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = sorted(glob.glob("csrc/cpu/*.cpp"))
+CUDA_SOURCES = sorted(glob.glob("csrc/cuda/*.cu"))
+CUDA_HOST_SOURCES = sorted(glob.glob("csrc/cuda/*.cpp"))
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def _find_nvcc() -> str | None:
+    if os.environ.get("FASTFT_NO_CUDA", "0") == "1":
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+            if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+                nvcc = os.path.join(root, "bin", "nvcc")
+                break
+    return nvcc
+
+
+def _cuda_gencode() -> list[str]:
+    archs = os.environ.get("FASTFT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    flags = []
+    for arch in filter(None, (a.strip().replace(".", "") for a in archs)):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+class BuildExt(build_ext):
+    """build_ext that hands ``.cu`` files to nvcc and everything else to the C++ compiler."""
+
+    def build_extensions(self):
+        nvcc = _find_nvcc()
+        self.compiler.src_extensions.append(".cu")
+        default_compile = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".cu"):
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+                       "-Xcompiler", "-fPIC", "-I" + os.path.join(HERE, "csrc", "include")]
+                cmd += _cuda_gencode() + [a for a in pp_opts if a.startswith("-I")]
+                self.spawn(cmd)
+            else:
+                default_compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+include_dirs = [os.path.join("csrc", "include")]
+ext_modules = [
+    Pybind11Extension(
+        "fastft._C",
+        CPU_SOURCES,
+        include_dirs=include_dirs,
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=fast"] + OPENMP,
+        extra_link_args=OPENMP,
+    )
+]
+
+_nvcc = _find_nvcc()
+if _nvcc and CUDA_SOURCES:
+    cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(_nvcc)))
+    ext_modules.append(
+        Pybind11Extension(
+            "fastft._C_cuda",
+            CUDA_HOST_SOURCES + CUDA_SOURCES,
+            include_dirs=include_dirs + [os.path.join(cuda_root, "include")],
+            library_dirs=[os.path.join(cuda_root, "lib64")],
+            libraries=["cudart"],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+        )
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
