@@ -92,6 +92,7 @@ if _nvcc and CUDA_SOURCES:
             include_dirs=include_dirs + [os.path.join(cuda_root, "include")],
             library_dirs=[os.path.join(cuda_root, "lib64")],
             libraries=["cudart"],
+            runtime_library_dirs=[os.path.join(cuda_root, "lib64")],
             cxx_std=17,
             extra_compile_args=["-O3"],
         )
