@@ -1,0 +1,131 @@
+"""Sequence packing: several short examples in one row, without attention across samples.
+
+A packed row concatenates examples; ``position_ids`` restart at 0 for each sample (so RoPE sees
+the same positions as unpacked), and the first label of every sample is -100 (in an unpacked row
+nothing predicts token 0; packed, the previous sample's last token would). Attention is kept
+inside each sample by a block-diagonal causal mask built from the position ids
+(:func:`block_causal_mask`), which :class:`PackedCollator` puts in the batch as a 4-D additive mask
+that Hugging Face models use as-is (eager and SDPA). With the same target tokens and no cross-sample
+attention, the mean loss of a packed batch equals the unpacked one (``tests/test_data_packing.py``).
+
+Why: the bundled instruction rows are ~40 tokens; padded to the longest in a batch of 8, about
+half the compute is padding; packed into 256-token rows, almost none is.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.data.collate import Collator
+from fastft.errors import DataError
+
+IGNORE = -100
+
+
+def pack_examples(examples: list[dict], max_length: int, strategy: str = "ffd") -> list[dict]:
+    """Pack token examples into rows of at most ``max_length`` tokens.
+
+    Args:
+        examples: dicts with ``input_ids`` and ``labels`` lists, each at most ``max_length`` long
+            (apply ``excess_length`` first).
+        strategy: ``"ffd"`` first-fit decreasing (fewest rows, reorders samples) or ``"sequential"``
+            (keeps order, starts a new row when the next sample does not fit).
+
+    Returns:
+        Rows with ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 per sample) lists.
+    """
+    if strategy not in ("ffd", "sequential"):
+        raise DataError(f"data.packing_strategy={strategy!r}: expected ffd or sequential")
+    for i, e in enumerate(examples):
+        if len(e["input_ids"]) > max_length:
+            raise DataError(f"example {i} has {len(e['input_ids'])} tokens > max_length={max_length}; "
+                            "apply data.excess_length before packing")
+    bins: list[list[int]] = []
+    if strategy == "sequential":
+        used = 0
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            if not bins or used + n > max_length:
+                bins.append([])
+                used = 0
+            bins[-1].append(i)
+            used += n
+    else:
+        space: list[int] = []
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+        for i in order:
+            n = len(examples[i]["input_ids"])
+            for b, free in enumerate(space):
+                if n <= free:
+                    bins[b].append(i)
+                    space[b] -= n
+                    break
+            else:
+                bins.append([i])
+                space.append(max_length - n)
+    rows = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for i in members:
+            e = examples[i]
+            n = len(e["input_ids"])
+            ids += e["input_ids"]
+            labels += [IGNORE] + list(e["labels"][1:])
+            pos += list(range(n))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return rows
+
+
+def sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the sample each token belongs to: a new sample starts where position_ids is 0.
+
+    Args:
+        position_ids: ``(B, T)`` int64.
+
+    Returns:
+        ``(B, T)`` int64, e.g. positions ``[0,1,2,0,1,0]`` -> ``[1,1,1,2,2,3]``.
+    """
+    return (position_ids == 0).long().cumsum(-1)
+
+
+def block_causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """4-D additive mask: token q attends to k iff k <= q, same sample, and k is not padding.
+
+    Args:
+        position_ids: ``(B, T)`` int64, restarting at 0 per packed sample.
+        attention_mask: ``(B, T)`` 0/1 padding mask or None.
+
+    Returns:
+        ``(B, 1, T, T)`` tensor of ``dtype``: 0 where allowed, ``finfo(dtype).min`` elsewhere.
+        A padding query still sees itself (position 0 starts its own sample), so no row is all
+        masked and softmax never produces NaN.
+    """
+    B, T = position_ids.shape
+    sid = sample_ids(position_ids)
+    same = sid[:, :, None] == sid[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = same & causal
+    if attention_mask is not None:
+        keep = attention_mask.bool()
+        allowed = allowed & keep[:, None, :] | torch.eye(T, dtype=torch.bool, device=position_ids.device)
+    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class PackedCollator(Collator):
+    """:class:`Collator` for packed rows: replaces the 2-D ``attention_mask`` by the 4-D
+    block-diagonal causal mask (``(B, 1, T, T)``, ``mask_dtype``), because Hugging Face models
+    given a 2-D all-ones mask attend across packed samples."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, mask_dtype: torch.dtype = torch.float32):
+        super().__init__(pad_id, pad_to_multiple_of)
+        self.mask_dtype = mask_dtype
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(examples)
+        if "position_ids" in batch:
+            batch["attention_mask"] = block_causal_mask(batch["position_ids"], batch["attention_mask"],
+                                                        self.mask_dtype)
+        return batch
