@@ -1,0 +1,29 @@
+"""Merge LoRA adapters into the base weights and save a plain Hugging Face model folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def save_merged(model, tokenizer, out: Path) -> None:
+    """Write ``W + scale * B @ A`` for every adapter as an HF folder that
+    ``AutoModelForCausalLM.from_pretrained`` loads. Consumes the adapters: call at the end."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=out.parent))
+    try:
+        if hasattr(model, "merge_and_unload"):  # PEFT model
+            merged = model.merge_and_unload()
+        else:
+            from fastft.lora import merge_lora
+
+            merged = merge_lora(model) or model
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

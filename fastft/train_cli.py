@@ -1,0 +1,171 @@
+"""``fastft train [CONFIG.yaml] [--section.key value ...] [--resume] [--overwrite]``.
+
+Everything that can fail on user input (config, model path, data, run directory) is checked
+before the run directory is created, so a bad invocation leaves nothing behind.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+import click
+
+from fastft.config import Config, describe_keys, load_config, save_config
+from fastft.errors import ConfigError, UserError
+
+
+def _help_epilog() -> str:
+    lines = ["\b", "Config keys (YAML sections or --section.key value overrides):"]
+    for key, default, help_ in describe_keys():
+        lines.append(f"  --{key} (default {default}): {help_}")
+    return "\n".join(lines)
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str], bool, bool]:
+    """(config path, override tokens, resume, overwrite) from the raw arguments."""
+    config, overrides, resume, overwrite = None, [], False, False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--resume":
+            resume = True
+        elif a == "--overwrite":
+            overwrite = True
+        elif a.startswith("--"):
+            overrides.append(a)
+            if "=" not in a and i + 1 < len(args):
+                overrides.append(args[i + 1])
+                i += 1
+        elif config is None and not overrides:
+            config = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: give one CONFIG file, then --section.key value overrides")
+        i += 1
+    return config, overrides, resume, overwrite
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.finetune.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber a previous run; returns the checkpoint to resume from (or None)."""
+    from fastft.checkpoint import list_checkpoints
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; choose one")
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        if not ckpts:
+            raise UserError(f"--resume: no checkpoint under {run_dir / 'checkpoints'} (set output.dir to the run)")
+        return ckpts[-1]
+    if exists and not overwrite:
+        raise UserError(f"run directory {str(run_dir)!r} already holds a run; pass --overwrite to replace it "
+                        "or --resume to continue it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir={str(run_dir)!r} is a file")
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(cfg: Config):
+    """Load model + tokenizer + data and set up the fine-tuning mode. Returns
+    (model, tokenizer, bundle, device)."""
+    import torch
+
+    from fastft import distributed as dist
+    from fastft.data import build_datasets
+    from fastft.finetune import apply_freezing, setup_lora
+    from fastft.model_loading import load_model_and_tokenizer
+    from fastft.train_utils import resolve_device, resolve_dtype, unwrap
+
+    device = resolve_device(cfg.train.device)
+    dist.init(device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("model.dtype=fp16: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
+    seed_everything(cfg.train.seed)
+    model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
+                                             attn_implementation=cfg.model.attn_implementation,
+                                             dropout=cfg.model.dropout)
+    bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
+    if cfg.model.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.finetune.mode == "lora":
+        model = setup_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
+    apply_freezing(model, cfg.finetune)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"finetune: mode={cfg.finetune.mode!r} with these regex/freeze settings leaves "
+                          "no parameter to train")
+    return model.to(device), tok, bundle, device
+
+
+def run(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
+        metrics_hook=None) -> dict:
+    """Programmatic ``fastft train``; returns the trainer summary plus ``run_dir``."""
+    from fastft import distributed as dist
+    from fastft.finetune import param_table
+    from fastft.trainer import Trainer
+
+    cfg = load_config(config, overrides)
+    if overwrite:
+        cfg.output.overwrite = True
+    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    cfg.output.dir = str(run_dir)
+    ckpt = check_run_dir(run_dir, resume, cfg.output.overwrite)
+    model, tok, bundle, device = build(cfg)
+    trainer = Trainer(cfg, run_dir, model, tok, bundle, device, metrics_hook=metrics_hook, log=click.echo)
+    if dist.is_main():  # all validation passed: now touch the disk
+        if run_dir.exists() and cfg.output.overwrite and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        table = param_table(model)
+        (run_dir / "params.txt").write_text(table + "\n")
+        click.echo(table)
+        click.echo(f"data: {bundle.stats}; {trainer.total_steps} steps of {cfg.train.batch_size}x"
+                   f"{cfg.train.grad_accum} sequences; run dir {run_dir}")
+    dist.barrier()
+    if ckpt is not None:
+        trainer.resume_from(ckpt)
+    summary = trainer.train()
+    summary["run_dir"] = str(run_dir)
+    if dist.is_main():
+        before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
+        if summary["interrupted"]:
+            click.echo(f"interrupted at step {summary['steps']}; checkpoint saved. Resume with: "
+                       f"fastft train {config or ''} --output.dir {run_dir} --resume".replace("  ", " "))
+        if before or after:
+            fmt = lambda d: f"{d['eval_loss']:.4f} (ppl {d['eval_ppl']:.2f})" if d else "n/a"  # noqa: E731
+            click.echo(f"held-out loss before: {fmt(before)}  after: {fmt(after)}")
+        click.echo(f"run dir: {run_dir}")
+    dist.cleanup()
+    return summary
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]},
+               epilog=_help_epilog())
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args: tuple[str, ...]) -> None:
+    """Fine-tune a model. CONFIG is an optional YAML file; `--section.key value` overrides any
+    key; `--resume` continues the run in output.dir; `--overwrite` replaces it. With no
+    arguments: LoRA on the embedded SmolLM2-135M-Instruct with the bundled instruction data.
+
+    \b
+    Usage: fastft train [CONFIG.yaml] [--section.key value ...] [--resume] [--overwrite]
+    """
+    config, overrides, resume, overwrite = split_args(list(args))
+    summary = run(config, overrides, resume, overwrite)
+    if summary.get("interrupted"):
+        raise SystemExit(130)

@@ -1,0 +1,165 @@
+"""Pieces of the training loop: dtype choice, the loss module, optimizer and lr schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fastft.errors import ConfigError
+
+        raise ConfigError("train.device=cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 where the hardware has bf16 units (AVX-512 BF16 / AMX, Ampere+), else fp32
+    on CPU and fp16 on GPU. bf16 GEMMs run ~2.3x fp32 on this EPYC (ENVIRONMENT.md)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        ok = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+        return torch.bfloat16 if ok else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF ``*ForCausalLM`` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _fused_ce():
+    try:
+        from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return fused_linear_cross_entropy
+
+
+def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
+           fused: bool) -> torch.Tensor:
+    """Sum of token cross-entropies, fp32 scalar.
+
+    Args:
+        hidden: (N, H) final hidden states of the target positions only.
+        weight: (V, H) output head weight.
+        targets: (N,) int64 token ids.
+    """
+    fn = _fused_ce() if fused else None
+    if fn is not None:
+        return fn(hidden, weight, targets, reduction="sum", label_smoothing=label_smoothing)
+    logits = F.linear(hidden, weight).float()  # (N, V)
+    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM so ``forward`` returns (sum of target-token losses, target count).
+
+    Only positions with a target (label != -100 after the shift) go through the output head:
+    with prompt masking that is about half the tokens, and the (N, V) logits never exist for the
+    rest. The caller divides by the number of target tokens of the whole optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, fused_ce: bool = True):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.fused_ce = fused_ce
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, smoothing: bool = True):
+        """input_ids/attention_mask/labels: (B, T) int64. Returns (fp32 scalar, int64 scalar)."""
+        lm = unwrap(self.model)
+        # an all-ones mask lets SDPA take its causal fast path instead of a materialised mask
+        mask = None if bool(attention_mask.all()) and position_ids is None else attention_mask
+        out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                            use_cache=False)
+        h = out.last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        hs = h[:, :-1][keep]  # (N, H)
+        t = targets[keep]
+        head = lm.get_output_embeddings()
+        ls = self.label_smoothing if smoothing else 0.0
+        loss = ce_sum(hs, head.weight, t, ls, self.fused_ce)
+        if getattr(head, "bias", None) is not None:  # rare: heads with a bias take the plain path
+            loss = F.cross_entropy(head(hs).float(), t, reduction="sum", label_smoothing=ls)
+        return loss, keep.sum()
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """Fallback used only when ``fastft.optim.FusedAdamW`` is not in this install: same
+    signature; fp32 master copies of low-precision params, torch's fused AdamW maths, global
+    norm clipping, ``last_grad_norm``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 max_grad_norm=None, master_weights=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.max_grad_norm = max_grad_norm
+        self.master_weights = master_weights
+        self.last_grad_norm = torch.zeros(())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        self.last_grad_norm = norm
+        clip = 1.0
+        if self.max_grad_norm:
+            clip = min(1.0, self.max_grad_norm / (float(norm) + 1e-6))
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    if p.dtype != torch.float32:
+                        st["master"] = p.detach().float().clone()
+                    m = st.get("master", p)
+                    st["exp_avg"] = torch.zeros_like(m, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(m, dtype=torch.float32)
+                master = st.get("master", p)
+                grad = p.grad.float() * clip
+                torch.optim._functional.adam([master], [grad], [st["exp_avg"]], [st["exp_avg_sq"]], [],
+                                             [st["step"]], amsgrad=False, beta1=b1, beta2=b2, lr=g["lr"],
+                                             weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
+                                             foreach=False, decoupled_weight_decay=True)
+                if master is not p:
+                    p.copy_(master)
+
+
+def build_optimizer(groups: list[dict], cfg_train, low_precision: bool) -> torch.optim.Optimizer:
+    try:
+        from fastft.optim import FusedAdamW as Opt
+    except ImportError:
+        Opt = MasterAdamW
+    clean = [{**{k: v for k, v in g.items() if k != "names"}, "base_lr": g["lr"]} for g in groups]
+    return Opt(clean, lr=cfg_train.lr, betas=(cfg_train.adam_beta1, cfg_train.adam_beta2),
+               eps=cfg_train.adam_eps, weight_decay=cfg_train.weight_decay,
+               max_grad_norm=cfg_train.max_grad_norm or None, master_weights=low_precision)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup from
+    1/warmup to 1, then linear/cosine decay to 0 at ``total``, or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor

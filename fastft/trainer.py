@@ -1,0 +1,336 @@
+"""The training loop: lean, rank-aware, resumable.
+
+One optimizer step = ``grad_accum`` micro-batches. Their target tokens are counted (and
+all-reduced across ranks) before the first backward, and every micro-batch's summed loss is
+divided by that step total, so accumulation over k micro-batches gives the same gradient as one
+batch k times larger (not the mean of per-micro-batch means that HF fixed in late 2024).
+
+Precision: weights live in the run dtype (bf16 on this CPU); trainable parameters get fp32
+master copies inside the optimizer; no autocast (on CPU it re-casts fp32 weights every forward:
+227 tok/s with autocast vs 295 tok/s with bf16 weights, ENVIRONMENT.md). fp16 adds dynamic loss
+scaling (GPU only).
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastft import checkpoint as ck
+from fastft import distributed as dist
+from fastft.data import DataBundle
+from fastft.data.collate import Collator
+from fastft.errors import ConfigError
+from fastft.finetune import apply_freezing, param_groups
+from fastft.train_utils import CausalLMLoss, build_optimizer, lr_factor, set_lr
+
+MetricsHook = Callable[..., dict]  # (model, tokenizer, bundle, step) -> {"name": float}
+
+
+class Trainer:
+    """Train ``model`` (already in its run dtype, LoRA injected, freezing applied) on ``data``.
+
+    Args:
+        cfg: the resolved ``fastft.config.Config``.
+        run_dir: output directory (created by the caller after all validation).
+        metrics_hook: optional callable returning extra eval metrics (e.g. classification).
+    """
+
+    def __init__(self, cfg, run_dir: Path, model, tokenizer, data: DataBundle, device: torch.device,
+                 metrics_hook: MetricsHook | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.t, self.run_dir = cfg, cfg.train, Path(run_dir)
+        self.model, self.tokenizer, self.data, self.device = model, tokenizer, data, device
+        self.metrics_hook, self.log = metrics_hook, (log if dist.is_main() else (lambda s: None))
+        self.is_lora = cfg.finetune.mode == "lora"
+        self.collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.n_local = len(dist.shard(list(range(len(data.train)))))
+        self.micro_per_epoch = math.ceil(self.n_local / self.t.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.t.grad_accum)
+        self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * self.steps_per_epoch))
+        self.warmup = self.t.warmup_steps or int(self.t.warmup_ratio * self.total_steps)
+        if self.warmup >= self.total_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup}: warmup must be shorter than the run "
+                              f"({self.total_steps} steps)")
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+        self.low_precision = bool(trainable - {torch.float32})  # optimizer keeps fp32 masters
+        self.fp16 = torch.float16 in dtypes
+        self.loss_scale, self.good_steps = (2.0 ** 16 if self.fp16 else 1.0), 0
+        self.unfrozen = False
+        self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce)
+        self.ddp = dist.wrap(self.loss_mod, device)
+        self.optimizer = build_optimizer(param_groups(model, cfg.finetune, self.t.lr, self.t.weight_decay),
+                                         self.t, self.low_precision)
+        self.step, self.micro_pos = 0, 0
+        self.best, self.bad_evals, self.history = None, 0, []
+        self._stop_requested = False
+        self.tb = None
+
+    # ---------------------------------------------------------------- data
+    def _micro_batch(self, pos: int) -> dict[str, torch.Tensor]:
+        """Micro-batch number ``pos`` of the endless stream: epoch e uses permutation e."""
+        epoch, i = divmod(pos, self.micro_per_epoch)
+        g = torch.Generator().manual_seed(self.t.seed * 1_000_003 + epoch)
+        perm = dist.shard(torch.randperm(len(self.data.train), generator=g).tolist())
+        idx = perm[i * self.t.batch_size:(i + 1) * self.t.batch_size]
+        batch = self.collate([self.data.train[j] for j in idx])
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- freezing
+    def _maybe_unfreeze(self) -> None:
+        k = self.cfg.finetune.unfreeze_after_steps
+        if self.unfrozen or k <= 0 or self.is_lora or self.step < k:
+            return
+        have = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        apply_freezing(self.model, self.cfg.finetune, unfrozen=True)
+        for g in param_groups(self.model, self.cfg.finetune, self.t.lr, self.t.weight_decay):
+            params = [p for p in g["params"] if id(p) not in have]
+            if params:
+                self.optimizer.add_param_group({"params": params, "lr": g["lr"], "base_lr": g["lr"],
+                                                "lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"]})
+        self.unfrozen = True
+        self.log(f"step {self.step}: progressive unfreezing, every parameter now trains")
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the metrics line."""
+        t0 = time.perf_counter()
+        n_micro = self.t.grad_accum
+        batches = [self._micro_batch(self.micro_pos + j) for j in range(n_micro)]
+        counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in batches] +
+                              [float(sum(int(b["attention_mask"].sum()) for b in batches))], dtype=torch.float64)
+        dist.all_reduce_sum(counts)
+        n_target, n_tokens = counts[:-1].sum().item(), counts[-1].item()
+        denom = max(n_target, 1.0) / dist.world_size()  # DDP averages grads over ranks
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        self.model.train()
+        for j, b in enumerate(batches):
+            sync = j == n_micro - 1 or not hasattr(self.ddp, "no_sync")
+            ctx = self.ddp.no_sync() if not sync else _null()
+            with ctx:
+                ls, _ = self.ddp(b["input_ids"], b["attention_mask"], b["labels"], b.get("position_ids"))
+                (ls * (self.loss_scale / denom)).backward()
+            loss_sum += ls.detach().double().cpu()
+        self.micro_pos += n_micro
+        set_lr(self.optimizer, lr_factor(self.step, self.total_steps, self.warmup, self.t.scheduler))
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped = self._unscale_and_check() if self.fp16 else False
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dist.all_reduce_sum(loss_sum)
+        dt = time.perf_counter() - t0
+        gn = getattr(self.optimizer, "last_grad_norm", None)
+        return {"event": "train", "step": self.step, "loss": loss_sum.item() / max(n_target, 1.0), "lr": lr,
+                "grad_norm": float(gn) if gn is not None else float("nan"), "tokens": int(n_tokens),
+                "target_tokens": int(n_target), "step_time": dt, "tokens_per_s": n_tokens / dt,
+                **({"loss_scale": self.loss_scale, "skipped": skipped} if self.fp16 else {})}
+
+    def _unscale_and_check(self) -> bool:
+        """fp16 dynamic loss scaling: unscale grads; on inf/nan skip the step and halve the scale,
+        after 2000 good steps double it."""
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.loss_scale)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = dist.all_reduce_sum(finite.float().reshape(1)).item() == dist.world_size()
+        if not finite:
+            self.loss_scale, self.good_steps = max(self.loss_scale / 2, 1.0), 0
+            return True
+        self.good_steps += 1
+        if self.good_steps % 2000 == 0:
+            self.loss_scale *= 2
+        return False
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, examples: list[dict] | None = None) -> dict:
+        """Token-weighted loss and perplexity over ``examples`` (default: validation split)."""
+        examples = self.data.validation if examples is None else examples
+        if not examples:
+            return {}
+        self.model.eval()
+        idx = dist.shard(list(range(len(examples))))
+        bs = self.t.batch_size
+        starts = list(range(0, len(idx), bs))
+        if self.t.eval_batches:
+            starts = starts[:self.t.eval_batches]
+        tot = torch.zeros(2, dtype=torch.float64)
+        for s in starts:
+            b = {k: v.to(self.device) for k, v in self.collate([examples[i] for i in idx[s:s + bs]]).items()}
+            ls, n = self.loss_mod(b["input_ids"], b["attention_mask"], b["labels"], b.get("position_ids"),
+                                  smoothing=False)
+            tot += torch.tensor([ls.item(), n.item()], dtype=torch.float64)
+        dist.all_reduce_sum(tot)
+        loss = (tot[0] / tot[1].clamp(min=1)).item()
+        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tot[1])}
+        if self.metrics_hook is not None:
+            out.update(self.metrics_hook(self.model, self.tokenizer, self.data, self.step))
+        self.model.train()
+        return out
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self, rng: dict) -> dict:
+        return {"step": self.step, "micro_pos": self.micro_pos, "optimizer": self.optimizer.state_dict(),
+                "rng": rng, "best": self.best, "bad_evals": self.bad_evals, "loss_scale": self.loss_scale,
+                "good_steps": self.good_steps, "unfrozen": self.unfrozen, "total_steps": self.total_steps}
+
+    def resume_from(self, ckpt: Path) -> None:
+        """Restore weights, optimizer, counters and RNG from a checkpoint directory."""
+        st = ck.load_state(ckpt)
+        ck.load_model_files(self.model, ckpt, self.is_lora)
+        self.step, self.micro_pos = st["step"], st["micro_pos"]
+        if st.get("unfrozen"):
+            self._maybe_unfreeze()
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.best, self.bad_evals = st["best"], st["bad_evals"]
+        self.loss_scale, self.good_steps = st["loss_scale"], st["good_steps"]
+        ck.set_rng_state(st["rng"])
+        self.log(f"resumed from {ckpt} at step {self.step}")
+
+    def _save(self, rng: dict, best: bool = False) -> None:
+        if not dist.is_main():
+            return
+        root = self.run_dir / "checkpoints"
+        path = ck.save_checkpoint(root, self.step, self.model, self.tokenizer, self.is_lora, self.state_dict(rng))
+        if best:
+            ck.mark_best(root, path)
+        ck.prune(root, self.t.keep_last)
+
+    # ---------------------------------------------------------------- logging
+    def _write(self, rec: dict) -> None:
+        if not dist.is_main():
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "event"):
+                    self.tb.add_scalar(f"{rec['event']}/{k}", v, rec.get("step", self.step))
+
+    def _open_tensorboard(self) -> None:
+        if not (self.cfg.output.tensorboard and dist.is_main()):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _improved(self, metrics: dict) -> bool | None:
+        """True/False when the early-stopping metric improved (None when it is absent)."""
+        key = self.t.early_stopping_metric
+        if key not in metrics:
+            return None
+        v = metrics[key]
+        sign = 1.0 if self.t.early_stopping_mode == "min" else -1.0
+        if self.best is None or sign * (self.best - v) > self.t.early_stopping_min_delta:
+            self.best, self.bad_evals = v, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    # ---------------------------------------------------------------- main loop
+    def train(self) -> dict:
+        """Run to ``total_steps`` (or early stop / Ctrl-C). Returns a summary dict."""
+        from fastft.progress import Progress
+
+        self._open_tensorboard()
+        eval_before = self.evaluate() if self.step == 0 else {}
+        if eval_before:
+            self._write({"event": "eval", "step": 0, **eval_before})
+        old = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        bar = Progress(self.total_steps, self.step, enabled=self.t.progress and dist.is_main())
+        stopped, interrupted, last_eval = False, False, None
+        try:
+            while self.step < self.total_steps:
+                self._maybe_unfreeze()
+                rec = self.train_step()
+                bar.update(rec)
+                if self.step % self.t.log_every == 0 or self.step == self.total_steps:
+                    self._write(rec)
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"loss is {rec['loss']} at step {self.step} (lower train.lr?)")
+                is_best = False
+                if self.t.eval_every and self.step % self.t.eval_every == 0 and self.step < self.total_steps:
+                    last_eval = self.evaluate()
+                    self._write({"event": "eval", "step": self.step, **last_eval})
+                    bar.note(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+                    improved = self._improved(last_eval)
+                    is_best = bool(improved) and (self.t.early_stopping_patience > 0 or self.t.save_every > 0)
+                    if self.t.early_stopping_patience and self.bad_evals >= self.t.early_stopping_patience:
+                        stopped = True
+                periodic = self.t.save_every and self.step % self.t.save_every == 0
+                if periodic or is_best or self._stop_requested or stopped:
+                    # RNG as of this step boundary: a resumed run draws the same dropout masks
+                    self._save(ck.rng_state(), best=is_best)
+                if self._stop_requested:
+                    interrupted = True
+                    break
+                if stopped:
+                    self.log(f"early stopping at step {self.step}: {self.t.early_stopping_metric} did not "
+                             f"improve for {self.t.early_stopping_patience} evaluations (best {self.best:.4g})")
+                    break
+        finally:
+            bar.close()
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        summary = {"steps": self.step, "stopped_early": stopped, "interrupted": interrupted,
+                   "eval_before": eval_before}
+        if not interrupted:
+            after = self.evaluate()
+            if after:
+                self._write({"event": "eval", "step": self.step, **after})
+                self._improved(after)
+            summary["eval_after"] = after
+            self._final_save()
+        summary["best"] = self.best
+        self._write({"event": "end", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     "steps": self.step, "stopped_early": stopped, "interrupted": interrupted})
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop_requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.log("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+
+    def _final_save(self) -> None:
+        """``<run>/final``: adapter (PEFT) or HF model + tokenizer; ``<run>/merged`` on request."""
+        if not dist.is_main():
+            return
+        import shutil
+        import tempfile
+
+        out = self.run_dir / "final"
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
+        ck.save_model_files(self.model, self.tokenizer, tmp, self.is_lora)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        if self.is_lora and self.cfg.output.save_merged:
+            from fastft.merge import save_merged
+
+            save_merged(self.model, self.tokenizer, self.run_dir / "merged")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
