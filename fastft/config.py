@@ -75,10 +75,32 @@ class DataConfig:
     train_file: str = opt("", "training data (JSONL); empty = the bundled instruction set")
     validation_file: str = opt("", "validation data; empty = split val_ratio off the training file")
     test_file: str = opt("", "test data (evaluated at the end when given)")
-    format: str = opt("instruction", "data format", choices=("instruction",))
+    format: str = opt("instruction", "data format: instruction (instruction/input/output), chat (messages), "
+                      "prompt_completion, text (plain causal LM), classification (text/label)",
+                      choices=("instruction", "chat", "prompt_completion", "text", "classification"))
     max_length: int = opt(256, "truncate sequences to this many tokens", min=8)
     val_ratio: float = opt(0.1, "fraction held out for validation when no validation_file", min=0.0, max=0.5)
     train_on_inputs: bool = opt(False, "also train on prompt tokens (default: only the response)")
+    # -- keys below added by the data engineer (readers, cleaning, chat, packing, mixing, classification)
+    columns: list[str] = opt([], "column mapping fastft_name=file_column, e.g. text=review,label=stars")
+    on_bad_line: str = opt("error", "malformed JSONL line: error (stop, naming file:line) or skip (warn, count)",
+                           choices=("error", "skip"))
+    excess_length: str = opt("truncate", "sequences longer than max_length: truncate, drop or error (counted)",
+                             choices=("truncate", "drop", "error"))
+    chat_template: str = opt("", "chat format: Jinja template (text or file) overriding the tokenizer's")
+    strip: bool = opt(False, "strip leading/trailing whitespace of text fields")
+    normalize_whitespace: bool = opt(False, "collapse whitespace runs (newlines too) to one space")
+    lowercase: bool = opt(False, "lower-case text fields")
+    drop_empty: bool = opt(True, "drop rows whose required text is empty (counted)")
+    drop_duplicates: bool = opt(False, "drop rows whose text fields repeat an earlier row (counted)")
+    test_ratio: float = opt(0.0, "fraction held out as test split when no test_file", min=0.0, max=0.5)
+    packing: bool = opt(False, "pack several samples per training row (per-sample positions, block mask)")
+    tasks: list[str] = opt([], "extra datasets mixed into training, name=path (same format); train_file is task 'main'")
+    mix_weights: list[str] = opt([], "task weights name=weight (default: temperature sampling)")
+    mix_temperature: float = opt(1.0, "temperature sampling of tasks: share ~ size^(1/T) (1 = proportional)",
+                                 min=0.0, min_exclusive=True)
+    label_names: list[str] = opt([], "classification: class names in head order (default: sorted training labels)")
+    cache: bool = opt(True, "cache tokenised data under $FASTFT_CACHE/data (keyed by data+tokenizer+settings)")
 
 
 @dataclass

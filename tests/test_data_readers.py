@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from fastft.data.cleaning import CleanReport, clean_rows
-from fastft.data.readers import ReadReport, map_columns, read_records, require_columns, split_by_ratio
+from fastft.data.readers import ReadReport, map_columns, read_records, require_columns
 from fastft.errors import DataError
 
 ROWS = [{"text": "good movie", "label": "positive"}, {"text": "bad, very bad", "label": "negative"},
@@ -99,18 +99,6 @@ def test_column_mapping_and_missing_columns_name_existing_ones():
     with pytest.raises(DataError, match=r"f\.csv: row 0: format 'classification' needs column\(s\) \['text', 'label'\]"
                                         r"; the data has columns \['review', 'stars'\]"):
         require_columns(rows, ["text", "label"], "f.csv", "classification")
-
-
-def test_split_by_ratio_is_seeded_and_disjoint():
-    rows = list(range(100))
-    a = split_by_ratio(rows, {"validation": 0.1, "test": 0.05}, seed=3)
-    b = split_by_ratio(rows, {"validation": 0.1, "test": 0.05}, seed=3)
-    c = split_by_ratio(rows, {"validation": 0.1, "test": 0.05}, seed=4)
-    assert a == b and a != c
-    assert (len(a["train"]), len(a["validation"]), len(a["test"])) == (85, 10, 5)
-    assert sorted(a["train"] + a["validation"] + a["test"]) == rows
-    with pytest.raises(DataError, match="sum to < 1"):
-        split_by_ratio(rows, {"validation": 0.6, "test": 0.5}, seed=0)
 
 
 def test_cleaning_counts_each_step():

@@ -17,9 +17,8 @@ import io
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from fastft.errors import DataError
 
@@ -221,30 +220,3 @@ def require_columns(rows: list[dict], required: Iterable[str], path: str, fmt: s
         if missing:
             raise DataError(f"{path}: row {i}: format {fmt!r} needs column(s) {missing}; the data has "
                             f"columns {sorted(_columns(rows))} (map yours with data.columns)")
-
-
-def split_by_ratio(rows: list[Any], ratios: Mapping[str, float], seed: int) -> dict[str, list[Any]]:
-    """Shuffle ``rows`` with ``seed`` and cut off held-out splits.
-
-    Args:
-        ratios: e.g. ``{"validation": 0.1, "test": 0.1}``; each in [0, 1), summing to < 1.
-            A split with ratio > 0 gets at least one row.
-
-    Returns:
-        ``{"train": [...], **{name: [...]}}``; the same ``seed`` gives the same split.
-    """
-    total = sum(ratios.values())
-    if any(r < 0 or r >= 1 for r in ratios.values()) or total >= 1:
-        raise DataError(f"split ratios {dict(ratios)}: each must be in [0, 1) and they must sum to < 1")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    out: dict[str, list[Any]] = {}
-    start = 0
-    for name, ratio in ratios.items():
-        n = max(1, round(len(rows) * ratio)) if ratio > 0 else 0
-        out[name] = [rows[i] for i in order[start:start + n]]
-        start += n
-    out["train"] = [rows[i] for i in order[start:]]
-    if not out["train"]:
-        raise DataError(f"split ratios {dict(ratios)} leave no training rows out of {len(rows)}")
-    return out
