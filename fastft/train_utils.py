@@ -74,10 +74,11 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None, smoothing: bool = True):
-        """input_ids/attention_mask/labels: (B, T) int64. Returns (fp32 scalar, int64 scalar)."""
+        """input_ids/labels: (B, T) int64; attention_mask (B, T) 0/1 or a (B, 1, T, T) additive
+        mask (packing). Returns (fp32 loss sum, int64 target count)."""
         lm = unwrap(self.model)
         # an all-ones mask lets SDPA take its causal fast path instead of a materialised mask
-        mask = None if bool(attention_mask.all()) and position_ids is None else attention_mask
+        mask = None if attention_mask.dim() == 2 and bool(attention_mask.all()) and position_ids is None else attention_mask
         out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                             use_cache=False)
         h = out.last_hidden_state  # (B, T, H)

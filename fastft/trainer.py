@@ -12,6 +12,7 @@ scaling (GPU only).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -48,7 +49,9 @@ class Trainer:
         self.model, self.tokenizer, self.data, self.device = model, tokenizer, data, device
         self.metrics_hook, self.log = metrics_hook, (log if dist.is_main() else (lambda s: None))
         self.is_lora = cfg.finetune.mode == "lora"
-        self.collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        # a data format may bring its own collator (packing builds 4-D block masks)
+        self.collate = getattr(data, "collator", None) or Collator(
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.n_local = len(dist.shard(list(range(len(data.train)))))
         self.micro_per_epoch = math.ceil(self.n_local / self.t.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.t.grad_accum)
@@ -104,7 +107,7 @@ class Trainer:
         n_micro = self.t.grad_accum
         batches = [self._micro_batch(self.micro_pos + j) for j in range(n_micro)]
         counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in batches] +
-                              [float(sum(int(b["attention_mask"].sum()) for b in batches))], dtype=torch.float64)
+                              [float(sum(_n_tokens(b) for b in batches))], dtype=torch.float64)
         dist.all_reduce_sum(counts)
         n_target, n_tokens = counts[:-1].sum().item(), counts[-1].item()
         denom = max(n_target, 1.0) / dist.world_size()  # DDP averages grads over ranks
@@ -112,9 +115,9 @@ class Trainer:
         self.model.train()
         for j, b in enumerate(batches):
             sync = j == n_micro - 1 or not hasattr(self.ddp, "no_sync")
-            ctx = self.ddp.no_sync() if not sync else _null()
+            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
-                ls, _ = self.ddp(b["input_ids"], b["attention_mask"], b["labels"], b.get("position_ids"))
+                ls, _ = self.ddp(**b)
                 (ls * (self.loss_scale / denom)).backward()
             loss_sum += ls.detach().double().cpu()
         self.micro_pos += n_micro
@@ -164,8 +167,7 @@ class Trainer:
         tot = torch.zeros(2, dtype=torch.float64)
         for s in starts:
             b = {k: v.to(self.device) for k, v in self.collate([examples[i] for i in idx[s:s + bs]]).items()}
-            ls, n = self.loss_mod(b["input_ids"], b["attention_mask"], b["labels"], b.get("position_ids"),
-                                  smoothing=False)
+            ls, n = self.loss_mod(**b, smoothing=False)
             tot += torch.tensor([ls.item(), n.item()], dtype=torch.float64)
         dist.all_reduce_sum(tot)
         loss = (tot[0] / tot[1].clamp(min=1)).item()
@@ -192,6 +194,8 @@ class Trainer:
         self.best, self.bad_evals = st["best"], st["bad_evals"]
         self.loss_scale, self.good_steps = st["loss_scale"], st["good_steps"]
         ck.set_rng_state(st["rng"])
+        if dist.is_main():
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.log(f"resumed from {ckpt} at step {self.step}")
 
     def _save(self, rng: dict, best: bool = False) -> None:
@@ -322,12 +326,20 @@ class Trainer:
             save_merged(self.model, self.tokenizer, self.run_dir / "merged")
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _n_tokens(batch: dict) -> int:
+    """Non-padding tokens of a batch. A 4-D (packed) mask does not say which positions are
+    padding, so packed rows count every position (packing leaves little padding)."""
+    m = batch["attention_mask"]
+    return int(m.sum()) if m.dim() == 2 else m.shape[0] * m.shape[-1]
 
-    def __exit__(self, *a):
-        return False
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint being resumed, so the file reads as one run."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("event") != "end" and json.loads(ln).get("step", 0) <= step]
+    ck.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _main_thread() -> bool:
