@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from fastft.config import Config, describe_keys, load_config, save_config
-from fastft.errors import ConfigError, UserError
+from fastft.errors import ConfigError, DataError, UserError
 
 
 def _help_epilog() -> str:
@@ -90,6 +90,10 @@ def build(cfg: Config):
     from fastft.model_loading import load_model_and_tokenizer
     from fastft.train_utils import resolve_device, resolve_dtype, unwrap
 
+    for key in ("train_file", "validation_file", "test_file"):  # fail before the slow model load
+        path = getattr(cfg.data, key, "")
+        if path and not Path(path).exists():
+            raise DataError(f"data.{key}={path!r}: file not found")
     device = resolve_device(cfg.train.device)
     dist.init(device)
     dtype = resolve_dtype(cfg.model.dtype, device)
