@@ -1,0 +1,263 @@
+"""``FusedAdamW``: torch.optim.AdamW semantics, one fused pass, optional fused gradient clipping.
+
+    opt = FusedAdamW(model.parameters(), lr=2e-4, weight_decay=0.01, max_grad_norm=1.0,
+                     master_weights=True)      # bf16 params -> fp32 master + fp32 moments
+    loss.backward(); opt.step(); opt.zero_grad()
+    log(opt.last_grad_norm)                    # 0-dim fp32 tensor, pre-clip norm of this step
+
+The state dict uses torch.optim.AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``; plus ``master_param`` with master weights), so either optimizer loads the
+other's ``state_dict()``. The maths and the backends are in :mod:`fastft.ops.adamw`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fastft.errors import ConfigError, UserError
+from fastft.ops.adamw import AdamWGroup, StepResult, _state_ptrs, fused_adamw
+
+__all__ = ["FusedAdamW"]
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "FusedAdamW") -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ConfigError(f"{where}: lr tensor must have 1 element, got shape {tuple(lr.shape)}")
+    elif not isinstance(lr, (int, float)) or not lr >= 0.0 or math.isinf(lr):
+        raise ConfigError(f"{where}: lr={lr!r}: expected a finite number >= 0")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"{where}: betas={betas!r}: expected a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if isinstance(b, Tensor) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ConfigError(f"{where}: betas[{i}]={b!r}: expected a float in [0, 1)")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ConfigError(f"{where}: eps={eps!r}: expected a number >= 0")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
+        raise ConfigError(f"{where}: weight_decay={weight_decay!r}: expected a number >= 0")
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with a fused one-pass update and fused gradient clipping.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer. Parameters must be
+            contiguous fp32, bf16 or fp16 tensors; all parameters of a group on one device.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (per group;
+            ``lr`` may be a float or a 1-element tensor; torch LR schedulers work).
+        max_grad_norm: if set, gradients are clipped to this global L2 norm (over all groups)
+            inside the step, exactly like ``torch.nn.utils.clip_grad_norm_`` before the step.
+            The pre-clip norm is ``last_grad_norm``; a non-finite norm skips the step for every
+            parameter and increments ``skipped_steps``.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (per group);
+            moments are fp32 for every parameter dtype in any case.
+        backend: force ``triton|cuda|cpu|torch`` (default: ``FASTFT_BACKEND`` or auto).
+
+    Attributes:
+        last_grad_norm (Tensor | None): 0-dim fp32 pre-clip global norm of the last step's grads
+            (NaN/inf when that step was skipped; None when ``max_grad_norm`` is None).
+        skipped_steps (int): steps skipped because of a non-finite norm or ``found_inf``.
+    Raises:
+        ConfigError: invalid hyperparameters. UserError: sparse grads, non-contiguous or
+            unsupported-dtype params, a group spanning several devices, grad/param mismatch.
+    """
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, max_grad_norm: float | None = None,
+                 master_weights: bool = False, backend: str | None = None) -> None:
+        _check_hparams(lr, betas, eps, weight_decay)
+        if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float))
+                                          or not max_grad_norm >= 0):
+            raise ConfigError(f"FusedAdamW: max_grad_norm={max_grad_norm!r}: expected a number >= 0 or None")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, master_weights=master_weights)
+        super().__init__(params, defaults)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.backend = backend
+        self.last_grad_norm: Tensor | None = None
+        self._skipped: Tensor | None = None
+        self._ready: set = set()  # (id(param), amsgrad, master_weights) whose state is checked
+        # GradScaler: pass grad_scale / found_inf as attributes instead of unscaling grads.
+        self._step_supports_amp_scaling = True
+
+    # -- torch.optim.Optimizer protocol -------------------------------------------------------
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k in ("amsgrad", "maximize", "master_weights"):
+                group.setdefault(k, self.defaults.get(k, False) if hasattr(self, "defaults") else False)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("_skipped", None)
+        self.__dict__["_ready"] = set()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            merged = {**getattr(self, "defaults", {}), **param_group}
+            if merged:
+                _check_hparams(merged.get("lr", 1e-3), merged.get("betas", (0.9, 0.999)),
+                               merged.get("eps", 1e-8), merged.get("weight_decay", 0.0),
+                               f"FusedAdamW param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a FusedAdamW or torch.optim.AdamW state dict.
+
+        torch's loader casts every floating state tensor to its param's dtype; for bf16/fp16
+        params that would round the fp32 moments/masters, so they are re-read from the source.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            st = self.state[p]
+            for k, v in saved_state[pid].items():
+                if k in _MOMENT_KEYS and isinstance(v, Tensor):
+                    st[k] = v.detach().to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+                elif k == "step":
+                    st[k] = torch.tensor(float(v), dtype=torch.float32, device=p.device)
+
+    @property
+    def skipped_steps(self) -> int:
+        return 0 if self._skipped is None else int(self._skipped)
+
+    # -- the step --------------------------------------------------------------------------------
+    def _state_for(self, p: Tensor, group: dict, gi: int, pi: int) -> dict:
+        state = self.state[p]
+        key = (id(p), group["amsgrad"], group["master_weights"])
+        if key in self._ready:  # checked before and nothing replaced it since
+            return state
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32).reshape(())
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        want_master = group["master_weights"] and p.dtype != torch.float32
+        if want_master and "master_param" not in state:
+            state["master_param"] = p.detach().float().contiguous()
+        elif not want_master and "master_param" in state:
+            del state["master_param"]
+        for k in _MOMENT_KEYS:  # e.g. loaded from a state dict of another dtype/device
+            t = state.get(k)
+            if t is not None and (t.dtype != torch.float32 or t.device != p.device
+                                  or not t.is_contiguous() or t.shape != p.shape):
+                if t.shape != p.shape:
+                    raise UserError(f"FusedAdamW: state '{k}' of group {gi} param {pi} has shape "
+                                    f"{tuple(t.shape)}, expected {tuple(p.shape)}")
+                state[k] = t.to(device=p.device, dtype=torch.float32).contiguous()
+        self._ready.add(key)
+        return state
+
+    def _collect(self) -> list[AdamWGroup]:
+        groups = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads, m, v, vmax, masters, steps = [], [], [], [], [], [], []
+            device = None
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                where = f"group {gi} param {pi} (shape {tuple(p.shape)})"
+                if grad.is_sparse:
+                    raise UserError(f"FusedAdamW: {where} has a sparse gradient; "
+                                    "use torch.optim.SparseAdam for sparse gradients")
+                if p.dtype not in _PARAM_DTYPES:
+                    raise UserError(f"FusedAdamW: {where} has dtype {p.dtype}; expected fp32, bf16 or fp16")
+                if not p.is_contiguous():
+                    raise UserError(f"FusedAdamW: {where} is not contiguous (strides {p.stride()}); "
+                                    "the fused kernels need contiguous parameters")
+                if device is None:
+                    device = p.device
+                elif p.device != device:
+                    raise UserError(f"FusedAdamW: {where} is on {p.device} but group {gi} has "
+                                    f"parameters on {device}; put each device in its own group")
+                if grad.shape != p.shape or grad.device != p.device:
+                    raise UserError(f"FusedAdamW: {where}: gradient has shape {tuple(grad.shape)} on "
+                                    f"{grad.device}, expected {tuple(p.shape)} on {p.device}")
+                if grad.dtype not in (p.dtype, torch.float32):
+                    grad = grad.to(p.dtype)
+                if not grad.is_contiguous():
+                    grad = grad.contiguous()  # read-only use: a contiguous copy is exact
+                st = self._state_for(p, group, gi, pi)
+                params.append(p)
+                grads.append(grad)
+                m.append(st["exp_avg"])
+                v.append(st["exp_avg_sq"])
+                if group["amsgrad"]:
+                    vmax.append(st["max_exp_avg_sq"])
+                masters.append(st.get("master_param"))
+                steps.append(st["step"])
+            beta1, beta2 = group["betas"]
+            ag = AdamWGroup(params, grads, m, v, vmax, masters, steps, group["lr"], float(beta1),
+                            float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                            bool(group["amsgrad"]), bool(group["maximize"]))
+            if params and params[0].device.type == "cpu":
+                ag.state_ptrs = _state_ptrs(ag)
+            groups.append(ag)
+        return groups
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One clip (if ``max_grad_norm``) + AdamW step over all parameters with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self._collect()
+        devices = {g.params[0].device for g in groups if g.params}
+        if len(devices) > 1:
+            # The global clip norm couples devices: fall back to one fused step per device with
+            # the norm computed over all of them.
+            result = self._step_multi_device(groups)
+        else:
+            result = fused_adamw(groups, self.max_grad_norm, getattr(self, "grad_scale", None),
+                                 getattr(self, "found_inf", None), self.backend)
+        self.last_grad_norm = result.norm
+        skipped = result.skipped.to(torch.int64)
+        self._skipped = skipped if self._skipped is None else self._skipped + skipped.to(self._skipped.device)
+        return loss
+
+    def _step_multi_device(self, groups: list[AdamWGroup]) -> StepResult:
+        from fastft.ops.adamw import grad_norm
+
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        first = next(g.params[0].device for g in groups if g.params)
+        norm = None
+        max_norm = self.max_grad_norm
+        if max_norm is not None:
+            per_dev: dict[torch.device, list[Tensor]] = {}
+            for g in groups:
+                if g.params:
+                    per_dev.setdefault(g.params[0].device, []).extend(g.grads)
+            sq = sum(grad_norm(gr, self.backend).double().to(first).square() for gr in per_dev.values())
+            norm = sq.sqrt().float()
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(first)
+            bad = not bool(torch.isfinite(norm))
+            coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            if bad:
+                return StepResult(norm, torch.tensor(True, device=first))
+            # pre-apply the coefficient through grad_scale (kernels multiply by 1 / grad_scale)
+            scale = (1.0 if grad_scale is None else float(grad_scale)) / coef
+            grad_scale = torch.tensor(scale)
+        skipped = torch.tensor(False, device=first)
+        for dev in {g.params[0].device for g in groups if g.params}:
+            sub = [g for g in groups if g.params and g.params[0].device == dev]
+            r = fused_adamw(sub, None, grad_scale, found_inf, self.backend)
+            skipped = skipped | r.skipped.to(first)
+        return StepResult(norm, skipped)

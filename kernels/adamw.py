@@ -1,0 +1,109 @@
+"""Triton kernels for the fused AdamW step and the global gradient norm (fastft.kernels.adamw).
+
+The host side (fastft/ops/adamw.py: ``_device_prep``) leaves everything step-dependent on the
+device, so nothing here synchronises with the host:
+
+* ``ctrl``  fp32[2]   = (skip flag, grad multiplier = clip coefficient / grad_scale)
+* ``table`` fp32[n,3] = per parameter (-lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd)
+
+A skipped step masks every load and store, so a non-finite norm changes nothing.
+Per-element maths follows csrc/include/fastft/adamw.h (torch.optim.AdamW's operation order),
+with correctly rounded division and square root (``div_rn``/``sqrt_rn``): Triton's default
+``/`` and ``sqrt`` are approximate on GPUs and would drift from the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# 4096 elements per program: 16 KiB of fp32 per stream, a few hundred programs per 1M params.
+BLOCK = 4096
+
+
+@triton.jit
+def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # x: (n,) fp32/bf16/fp16 -> out[pid]: fp32 sum of squares of this program's block
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr, n,
+                  w1, beta2, omb2, eps,
+                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    # p: (n,) param dtype; g: (n,) param dtype or fp32; m, v, vmax, w (master): (n,) fp32
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    skip = tl.load(ctrl_ptr)
+    mult = tl.load(ctrl_ptr + 1)
+    neg_step = tl.load(tab_ptr)
+    bc2_sqrt = tl.load(tab_ptr + 1)
+    decay = tl.load(tab_ptr + 2)
+    mask = offs < tl.where(skip == 0.0, n, 0)  # skipped step: every load/store masked off
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mult
+    if MAXIMIZE:
+        g = -g
+    if MASTER:
+        p = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p = p * decay
+    d = g - m
+    m = tl.where(w1 < 0.5, m + w1 * d, g - d * (1.0 - w1))  # torch.lerp's two-sided formula
+    v = v * beta2
+    v = v + omb2 * g * g
+    vv = v
+    if AMSGRAD:
+        vm = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
+        vm = tl.maximum(vm, v)
+        tl.store(vmax_ptr + offs, vm, mask=mask)
+        vv = vm
+    denom = tl.div_rn(tl.sqrt_rn(vv), bc2_sqrt) + eps
+    p = p + neg_step * tl.div_rn(m, denom)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if MASTER:
+        tl.store(w_ptr + offs, p, mask=mask)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+def sumsq_triton(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of all elements of contiguous ``grads`` (any shapes): 0-dim fp64 tensor.
+
+    One launch per tensor writes per-block fp32 partials into one buffer; the partials are
+    summed in fp64 on the device (no host sync)."""
+    device = grads[0].device
+    nblocks = [triton.cdiv(x.numel(), BLOCK) for x in grads]
+    partial = torch.zeros(max(sum(nblocks), 1), dtype=torch.float32, device=device)
+    off = 0
+    for x, nb in zip(grads, nblocks):
+        if nb:
+            _sumsq_kernel[(nb,)](x, partial[off:], x.numel(), BLOCK=BLOCK)
+        off += nb
+    return partial.double().sum()
+
+
+def adamw_triton(groups, ctrl: torch.Tensor, table: torch.Tensor) -> None:
+    """Launch the update for every parameter of ``groups`` (fastft.ops.adamw.AdamWGroup list).
+
+    ``ctrl``: fp32[2] (skip, grad multiplier); ``table``: fp32[n_params, 3] in group order."""
+    row = 0
+    for g in groups:
+        w1, beta2, omb2 = 1.0 - g.beta1, g.beta2, 1.0 - g.beta2
+        for i, p in enumerate(g.params):
+            n = p.numel()
+            if n:
+                master = g.masters[i]
+                vmax = g.max_exp_avg_sqs[i] if g.amsgrad else g.exp_avg_sqs[i]
+                _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+                    p, g.grads[i], g.exp_avgs[i], g.exp_avg_sqs[i], vmax,
+                    master if master is not None else g.exp_avgs[i], ctrl, table[row], n,
+                    w1, beta2, omb2, g.eps,
+                    AMSGRAD=g.amsgrad, MASTER=master is not None, MAXIMIZE=g.maximize, BLOCK=BLOCK)
+            row += 1
