@@ -84,7 +84,12 @@ ext_modules = [
 
 _nvcc = _find_nvcc()
 if _nvcc and CUDA_SOURCES:
-    cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(_nvcc)))
+    # nvcc may be a wrapper script (here /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc):
+    # take the first candidate root that really holds libcudart.
+    _roots = [os.environ.get("CUDA_HOME"), os.path.dirname(os.path.dirname(os.path.realpath(_nvcc))),
+              "/usr/local/cuda"]
+    cuda_root = next((r for r in _roots if r and glob.glob(os.path.join(r, "lib64", "libcudart.so*"))),
+                     _roots[1])
     ext_modules.append(
         Pybind11Extension(
             "fastft._C_cuda",

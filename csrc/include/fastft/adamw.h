@@ -37,6 +37,23 @@ struct AdamWScalars {
   float grad_mult;    // clip_coef / grad_scale, negated when maximize
 };
 
+// Correctly rounded sqrt and division on both sides: the CUDA build uses --use_fast_math, whose
+// approximate sqrtf and '/' would drift from torch's results by several ulps per step.
+FASTFT_HDI float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return sqrtf(x);
+#endif
+}
+FASTFT_HDI float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // IEEE half <-> float by bit manipulation (round to nearest even), usable on host and device.
 FASTFT_HDI float f16_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -116,8 +133,8 @@ FASTFT_HDI float adamw_update(float p, float g, float& m, float& v, float& vmax,
     if (v != v) vmax = v;
     vv = vmax;
   }
-  float denom = sqrtf(vv) / s.bc2_sqrt + s.eps;
-  return p + s.neg_step * (m / denom);
+  float denom = div_rn(sqrt_rn(vv), s.bc2_sqrt) + s.eps;
+  return p + s.neg_step * div_rn(m, denom);
 }
 
 // Host-side computation of the per-parameter scalars from the hyperparameters and the step
