@@ -108,7 +108,7 @@ class TrainConfig:
     batch_size: int = opt(8, "micro-batch size (sequences per forward)", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     max_steps: int = opt(0, "optimizer steps (0 = use epochs)", min=0)
-    epochs: float = opt(1.0, "passes over the training data when max_steps = 0", min=0.0, min_exclusive=True)
+    epochs: float = opt(2.0, "passes over the training data when max_steps = 0", min=0.0, min_exclusive=True)
     lr: float = opt(2e-4, "peak learning rate", min=0.0, min_exclusive=True)
     weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases, norms or embeddings)", min=0.0)
     adam_beta1: float = opt(0.9, "AdamW beta1", min=0.0, max=0.9999)

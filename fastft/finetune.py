@@ -138,10 +138,19 @@ def param_table(model: nn.Module) -> str:
 
     lines = [f"{'group':<20}{'trainable':>14}{'total':>14}{'%':>8}"]
     tt = tot = 0
-    for g in sorted(rows, key=key):
+    ordered = sorted(rows, key=key)
+    i = 0
+    while i < len(ordered):  # collapse runs of identical layers: "layers 0-29"
+        g, j = ordered[i], i
+        while (g.startswith("layer ") and j + 1 < len(ordered) and ordered[j + 1].startswith("layer ")
+               and rows[ordered[j + 1]] == rows[g]):
+            j += 1
         t, n = rows[g]
-        tt, tot = tt + t, tot + n
-        lines.append(f"{g:<20}{t:>14,}{n:>14,}{100 * t / max(n, 1):>7.2f}%")
+        label = g if j == i else f"layers {g.split()[1]}-{ordered[j].split()[1]}"
+        count = j - i + 1
+        tt, tot = tt + t * count, tot + n * count
+        lines.append(f"{label:<20}{t * count:>14,}{n * count:>14,}{100 * t / max(n, 1):>7.2f}%")
+        i = j + 1
     lines.append(f"{'total':<20}{tt:>14,}{tot:>14,}{100 * tt / max(tot, 1):>7.2f}%")
     return "\n".join(lines)
 
@@ -176,7 +185,7 @@ def _setup_peft(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.
         raise ConfigError("lora.int8_base=true needs fastft.lora (not available in this install)")
     pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                       target_modules=list(lora_cfg.target_modules), use_rslora=lora_cfg.use_rslora,
-                      task_type="CAUSAL_LM")
+                      task_type="SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM")
     model = get_peft_model(model, pcfg)
     if gradient_checkpointing:
         model.enable_input_require_grads()

@@ -100,15 +100,32 @@ def build(cfg: Config):
     if dtype == torch.float16 and device.type != "cuda":
         raise ConfigError("model.dtype=fp16: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
     seed_everything(cfg.train.seed)
-    model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
-                                             attn_implementation=cfg.model.attn_implementation,
-                                             dropout=cfg.model.dropout)
-    bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
+    new_params: list[str] = []
+    if cfg.data.format == "classification":
+        # the label set (from the data) sizes the new head, so the data comes first
+        from fastft.data.classification import load_classifier, resolve_package_path
+        from fastft.model_loading import load_tokenizer, materialize
+
+        tok = load_tokenizer(materialize(resolve_package_path(cfg.model.path), cfg.model.gguf_file))
+        bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
+        seed_everything(cfg.train.seed)
+        model, tok, new_params = load_classifier(cfg.model.path, bundle.label_names, dtype=dtype,
+                                                 gguf_file=cfg.model.gguf_file,
+                                                 attn_implementation=cfg.model.attn_implementation)
+    else:
+        model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
+                                                 attn_implementation=cfg.model.attn_implementation,
+                                                 dropout=cfg.model.dropout)
+        bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetune.mode == "lora":
         model = setup_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
     apply_freezing(model, cfg.finetune)
+    if new_params:  # a new classification head trains in every mode
+        from fastft.data.classification import mark_trainable
+
+        mark_trainable(model, new_params)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"finetune: mode={cfg.finetune.mode!r} with these regex/freeze settings leaves "
                           "no parameter to train")
@@ -129,6 +146,10 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
     cfg.output.dir = str(run_dir)
     ckpt = check_run_dir(run_dir, resume, cfg.output.overwrite)
     model, tok, bundle, device = build(cfg)
+    if metrics_hook is None:  # classification metrics / per-task losses from the data side
+        from fastft.metrics import make_metrics_hook
+
+        metrics_hook = make_metrics_hook(bundle, run_dir, tok.pad_token_id or 0, cfg.train.batch_size)
     trainer = Trainer(cfg, run_dir, model, tok, bundle, device, metrics_hook=metrics_hook, log=click.echo)
     if dist.is_main():  # all validation passed: now touch the disk
         if run_dir.exists() and cfg.output.overwrite and not resume:

@@ -66,7 +66,12 @@ class Trainer:
         self.fp16 = torch.float16 in dtypes
         self.loss_scale, self.good_steps = (2.0 ** 16 if self.fp16 else 1.0), 0
         self.unfrozen = False
-        self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce)
+        if getattr(data, "label_names", None):  # sequence classification: (B,) labels
+            from fastft.data.classification import ClassificationLoss
+
+            self.loss_mod = ClassificationLoss(model, cfg.train.label_smoothing)
+        else:
+            self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce)
         self.ddp = dist.wrap(self.loss_mod, device)
         self.optimizer = build_optimizer(param_groups(model, cfg.finetune, self.t.lr, self.t.weight_decay),
                                          self.t, self.low_precision)
@@ -106,7 +111,7 @@ class Trainer:
         t0 = time.perf_counter()
         n_micro = self.t.grad_accum
         batches = [self._micro_batch(self.micro_pos + j) for j in range(n_micro)]
-        counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in batches] +
+        counts = torch.tensor([float(_n_targets(b)) for b in batches] +
                               [float(sum(_n_tokens(b) for b in batches))], dtype=torch.float64)
         dist.all_reduce_sum(counts)
         n_target, n_tokens = counts[:-1].sum().item(), counts[-1].item()
@@ -324,6 +329,12 @@ class Trainer:
             from fastft.merge import save_merged
 
             save_merged(self.model, self.tokenizer, self.run_dir / "merged")
+
+
+def _n_targets(batch: dict) -> int:
+    """Tokens (or, for classification, examples) that carry loss in a batch."""
+    labels = batch["labels"]
+    return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
 
 
 def _n_tokens(batch: dict) -> int:
