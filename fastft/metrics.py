@@ -59,7 +59,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -75,8 +75,8 @@ def write_confusion_matrix(run_dir: str | os.PathLike, metrics: dict, prefix: st
     lines += [f"{name}," + ",".join(str(v) for v in row) for name, row in zip(names, metrics["confusion_matrix"])]
     csv_path = Path(run_dir) / f"{prefix}.csv"
     json_path = Path(run_dir) / f"{prefix}.json"
-    _atomic_write(csv_path, "\n".join(lines) + "\n")
-    _atomic_write(json_path, json.dumps(metrics, indent=1) + "\n")
+    atomic_write(csv_path, "\n".join(lines) + "\n")
+    atomic_write(json_path, json.dumps(metrics, indent=1) + "\n")
     return [csv_path, json_path]
 
 
