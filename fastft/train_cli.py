@@ -118,7 +118,9 @@ def build(cfg: Config):
                                                  dropout=cfg.model.dropout)
         bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = unwrap(model)  # transformers 5 renamed it; keep working on 4.x
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetune.mode == "lora":
         model = setup_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
     apply_freezing(model, cfg.finetune)
