@@ -119,8 +119,10 @@ def build(cfg: Config):
         bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         lm = unwrap(model)  # transformers 5 renamed it; keep working on 4.x
-        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetune.mode == "lora":
         model = setup_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
     apply_freezing(model, cfg.finetune)

@@ -111,10 +111,10 @@ def test_early_stopping_fires_and_keeps_best(tiny, tmp_path):
     assert len(metrics(tmp_path / "r", "eval")) == 1 + 3 + 1  # before, 3 periodic, final
 
 
-def _grads_of_first_step(tiny, tmp_path, batch_size, grad_accum, name):
+def _grads_of_first_step(tiny, tmp_path, batch_size, grad_accum, name, *extra):
     cfg = load_config(None, base_args(tiny, tmp_path / name, "--finetune.mode", "full", "--model.dtype", "fp32",
                                       "--train.batch_size", str(batch_size), "--train.grad_accum",
-                                      str(grad_accum), "--train.max_steps", "1"))
+                                      str(grad_accum), "--train.max_steps", "1", *extra))
     torch.manual_seed(0)
     model, tok, bundle, device = build(cfg)
     tr = Trainer(cfg, tmp_path / name, model, tok, bundle, device)
@@ -141,6 +141,38 @@ def test_grad_accum_matches_one_big_batch(tiny, tmp_path):
     # (the pre-2024 HF bug) gives a different gradient: this test can tell the two apart
     counts = [int((tr._micro_batch(j)["labels"][:, 1:] != -100).sum()) for j in range(4)]
     assert len(set(counts)) > 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, tmp_path):
+    g_plain, _ = _grads_of_first_step(tiny, tmp_path, 4, 1, "plain", "--model.dropout", "0")
+    g_ckpt, tr = _grads_of_first_step(tiny, tmp_path, 4, 1, "ckpt", "--model.dropout", "0",
+                                      "--model.gradient_checkpointing", "true")
+    assert tr.model.model.layers[0].gradient_checkpointing
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-5, atol=1e-7)
+
+
+def test_two_process_gloo_run_matches_one_process(tiny, tmp_path):
+    """torchrun with 2 CPU ranks x batch 4 == 1 process x batch 8 (shards interleave the
+    permutation; losses and target counts are all-reduced; DDP averages the gradients)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    common = ["--model.dtype", "fp32", "--finetune.mode", "full", "--train.max_steps", "3", "--model.dropout", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "fastft.cli", "train", *base_args(tiny, tmp_path / "ddp", *common, "--train.batch_size", "4")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run(None, base_args(tiny, tmp_path / "one", *common, "--train.batch_size", "8"))
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert [r["target_tokens"] for r in a] == [r["target_tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
 
 
 def test_checkpoint_loads_in_transformers_and_peft(tiny, tmp_path):
