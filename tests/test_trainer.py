@@ -286,3 +286,59 @@ def test_cli_empty_dataset_and_existing_run_dir(tiny, tmp_path, capsys):
     assert e.value.code == 2 and "already holds a run" in err and "--overwrite" in err
     main(args + ["--overwrite"])
     assert len(metrics(tmp_path / "r1")) == 2
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_module_matches_hf_loss(tiny, smoothing):
+    """CausalLMLoss (only target positions through the head) == HF's shifted cross-entropy."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from fastft.train_utils import CausalLMLoss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    ids = torch.randint(4, 900, (3, 17))
+    labels = ids.clone()
+    labels[:, :6] = -100  # prompt
+    labels[2, 12:] = -100  # padding of a shorter row
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    loss_sum, n = CausalLMLoss(model, label_smoothing=smoothing, fused_ce=False)(ids, mask, labels)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].reshape(-1, model.config.vocab_size)
+    ref = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum",
+                          label_smoothing=smoothing)
+    assert int(n) == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss_sum, ref, rtol=1e-5, atol=1e-5)
+    if smoothing == 0.0:
+        hf = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(loss_sum / n, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_model_sources(tmp_path, monkeypatch):
+    from fastft.errors import UserError
+    from fastft.model_loading import resolve_source
+
+    gguf = tmp_path / "m.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_source(str(gguf)) == (str(tmp_path), "m.Q4.gguf")
+    assert resolve_source(str(tmp_path), "m.Q4.gguf") == (str(tmp_path), "m.Q4.gguf")
+    with pytest.raises(UserError, match="model.gguf_file='other.gguf' not found"):
+        resolve_source(str(tmp_path), "other.gguf")
+    with pytest.raises(UserError, match="no such file"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    assert resolve_source("org/model") == ("org/model", None)  # a hub id: resolved offline later
+
+
+def test_tensorboard_and_resolved_config_written(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from fastft.config import from_dict
+
+    args = base_args(tiny, tmp_path / "tb", "--train.max_steps", "2")
+    args[args.index("--output.tensorboard") + 1] = "true"
+    run(None, args)
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())
+    import yaml
+
+    saved = from_dict(yaml.safe_load((tmp_path / "tb" / "config.yaml").read_text()))
+    assert saved.train.max_steps == 2 and saved.output.dir == str(tmp_path / "tb")
+    assert "lora adapters" in (tmp_path / "tb" / "params.txt").read_text()
