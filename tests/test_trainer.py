@@ -72,9 +72,13 @@ def test_loss_falls_and_frozen_params_bit_identical(tiny, tmp_path, mode, monkey
         assert trainable0 and all("lora_" in n for n in trainable0)
 
 
-def test_resume_equals_uninterrupted(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_equals_uninterrupted(tiny, tmp_path, mode):
+    """bf16 weights; full mode also has fp32 masters in the optimizer state."""
     common = ["--train.max_steps", "12", "--train.eval_every", "6", "--model.dropout", "0.1",
-              "--lora.dropout", "0.1", "--train.lr", "5e-3", "--train.warmup_steps", "2"]
+              "--lora.dropout", "0.1", "--train.lr", "5e-3", "--train.warmup_steps", "2", "--finetune.mode", mode,
+              "--train.weight_decay", "0.01"]
+    sub, fname = ("adapter", "adapter_model.safetensors") if mode == "lora" else ("model", "model.safetensors")
     full = run(None, base_args(tiny, tmp_path / "a", *common))
     assert full["steps"] == 12
 
@@ -85,7 +89,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
 
     part = run(None, base_args(tiny, tmp_path / "b", *common), metrics_hook=interrupt_at_6)
     assert part["interrupted"] and part["steps"] == 6
-    assert (tmp_path / "b" / "checkpoints" / "step-000006" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "b" / "checkpoints" / "step-000006" / sub).is_dir()
     rest = run(None, base_args(tiny, tmp_path / "b", *common), resume=True)
     assert rest["steps"] == 12
     la, lb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
@@ -94,8 +98,8 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     assert [r["lr"] for r in la] == [r["lr"] for r in lb]
     from safetensors.torch import load_file
 
-    wa = load_file(str(tmp_path / "a" / "final" / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "final" / "adapter" / "adapter_model.safetensors"))
+    wa = load_file(str(tmp_path / "a" / "final" / sub / fname))
+    wb = load_file(str(tmp_path / "b" / "final" / sub / fname))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
