@@ -13,6 +13,8 @@ with correctly rounded division and square root (``div_rn``/``sqrt_rn``): Triton
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -34,7 +36,7 @@ def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr, n,
                   w1, beta2, omb2, eps,
                   AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  MANUAL_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
     # p: (n,) param dtype; g: (n,) param dtype or fp32; m, v, vmax, w (master): (n,) fp32
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -70,7 +72,14 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr
     tl.store(v_ptr + offs, v, mask=mask)
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    if MANUAL_BF16_RNE:
+        # Interpreter only: its fp32->bf16 cast truncates (triton 3.9 interpreter.py cast_impl),
+        # so round to nearest even by hand; on GPUs the cast below is already RNE.
+        bits = p.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(p_ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
 def sumsq_triton(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -93,6 +102,7 @@ def adamw_triton(groups, ctrl: torch.Tensor, table: torch.Tensor) -> None:
     """Launch the update for every parameter of ``groups`` (fastft.ops.adamw.AdamWGroup list).
 
     ``ctrl``: fp32[2] (skip, grad multiplier); ``table``: fp32[n_params, 3] in group order."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     row = 0
     for g in groups:
         w1, beta2, omb2 = 1.0 - g.beta1, g.beta2, 1.0 - g.beta2
@@ -105,5 +115,6 @@ def adamw_triton(groups, ctrl: torch.Tensor, table: torch.Tensor) -> None:
                     p, g.grads[i], g.exp_avgs[i], g.exp_avg_sqs[i], vmax,
                     master if master is not None else g.exp_avgs[i], ctrl, table[row], n,
                     w1, beta2, omb2, g.eps,
-                    AMSGRAD=g.amsgrad, MASTER=master is not None, MAXIMIZE=g.maximize, BLOCK=BLOCK)
+                    AMSGRAD=g.amsgrad, MASTER=master is not None, MAXIMIZE=g.maximize,
+                    MANUAL_BF16_RNE=interpret and p.dtype == torch.bfloat16, BLOCK=BLOCK)
             row += 1

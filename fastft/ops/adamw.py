@@ -144,8 +144,10 @@ def _sumsq(grads: list[Tensor], backend: str) -> Tensor:
         return sumsq_triton(grads)
     if backend == "cuda":
         return _cuda_sumsq(grads)
-    norms = torch._foreach_norm([x.float() for x in grads], 2.0)
-    return torch.stack(norms).double().square().sum()
+    # fp64 per-tensor norms: the reference must be at least as accurate as the kernels' fp64
+    # accumulation (fp32 _foreach_norm was 3e-6 off on 65537 bf16 elements)
+    norms = torch._foreach_norm([x.double() for x in grads], 2.0)
+    return torch.stack(norms).square().sum()
 
 
 def grad_norm(grads: list[Tensor], forced: str | None = None) -> Tensor:
@@ -180,7 +182,10 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float, norm
     if norm_type == 2.0 and len(devices) == 1 and _contiguous_kernel_grads(grads):
         total = grad_norm(grads, forced)
     else:
-        total = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+        # empty grads contribute nothing (torch's inf-norm raises on them: no identity for max)
+        nonempty = [x for x in grads if x.numel()]
+        total = (torch.nn.utils.get_total_norm(nonempty, norm_type, False, foreach) if nonempty
+                 else torch.tensor(0.0, device=grads[0].device))
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
