@@ -40,7 +40,12 @@ def init(device: torch.device) -> bool:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op when not distributed). Returns ``t``."""
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not t.is_cuda:  # NCCL reduces device tensors only
+            tmp = t.cuda()
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+            t.copy_(tmp.cpu())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

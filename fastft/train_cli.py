@@ -185,14 +185,12 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
 
 @click.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]},
                epilog=_help_epilog())
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED,
+                metavar="[CONFIG.yaml] [--section.key value ...] [--resume] [--overwrite]")
 def train(args: tuple[str, ...]) -> None:
     """Fine-tune a model. CONFIG is an optional YAML file; `--section.key value` overrides any
     key; `--resume` continues the run in output.dir; `--overwrite` replaces it. With no
     arguments: LoRA on the embedded SmolLM2-135M-Instruct with the bundled instruction data.
-
-    \b
-    Usage: fastft train [CONFIG.yaml] [--section.key value ...] [--resume] [--overwrite]
     """
     config, overrides, resume, overwrite = split_args(list(args))
     summary = run(config, overrides, resume, overwrite)

@@ -66,6 +66,9 @@ class Trainer:
         self.fp16 = torch.float16 in dtypes
         self.loss_scale, self.good_steps = (2.0 ** 16 if self.fp16 else 1.0), 0
         self.unfrozen = False
+        if dist.world_size() > 1 and cfg.finetune.unfreeze_after_steps:
+            # DDP fixes its set of synchronised parameters when it wraps the model
+            raise ConfigError("finetune.unfreeze_after_steps is not supported with several processes (torchrun)")
         if getattr(data, "label_names", None):  # sequence classification: (B,) labels
             from fastft.data.classification import ClassificationLoss
 
