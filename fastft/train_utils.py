@@ -42,19 +42,19 @@ def _fused_ce():
     return fused_linear_cross_entropy
 
 
-def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
-           fused: bool) -> torch.Tensor:
+def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+           label_smoothing: float, fused: bool) -> torch.Tensor:
     """Sum of token cross-entropies, fp32 scalar.
 
     Args:
         hidden: (N, H) final hidden states of the target positions only.
-        weight: (V, H) output head weight.
+        weight: (V, H) output head weight; bias: (V,) or None.
         targets: (N,) int64 token ids.
     """
     fn = _fused_ce() if fused else None
     if fn is not None:
-        return fn(hidden, weight, targets, reduction="sum", label_smoothing=label_smoothing)
-    logits = F.linear(hidden, weight).float()  # (N, V)
+        return fn(hidden, weight, targets, bias, reduction="sum", label_smoothing=label_smoothing)
+    logits = F.linear(hidden, weight, bias).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
 
 
@@ -88,9 +88,7 @@ class CausalLMLoss(nn.Module):
         t = targets[keep]
         head = lm.get_output_embeddings()
         ls = self.label_smoothing if smoothing else 0.0
-        loss = ce_sum(hs, head.weight, t, ls, self.fused_ce)
-        if getattr(head, "bias", None) is not None:  # rare: heads with a bias take the plain path
-            loss = F.cross_entropy(head(hs).float(), t, reduction="sum", label_smoothing=ls)
+        loss = ce_sum(hs, head.weight, getattr(head, "bias", None), t, ls, self.fused_ce)
         return loss, keep.sum()
 
 
