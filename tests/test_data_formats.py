@@ -116,3 +116,18 @@ def test_excess_length_truncate_drop_error():
         apply_excess_length(exs, 6, "error", source="train.jsonl")
     with pytest.raises(DataError, match="excess_length='cut'"):
         apply_excess_length(exs, 6, "cut")
+
+
+@pytest.mark.slow  # loads the SmolLM2 tokenizer (~10 s from the dequantised-GGUF cache, ~30 s the first time)
+def test_multi_turn_chat_mask_with_the_smollm2_template():
+    """SmolLM2's template injects a default system prompt; only the answers and their
+    <|im_end|> (its EOS, also its pad) are trained."""
+    from fastft.model_loading import load_tokenizer, materialize
+
+    tok = load_tokenizer(materialize("default"))
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    msgs = CONVERSATION[1:3] + [{"role": "user", "content": "And 3 + 4?"}, {"role": "assistant", "content": "7."}]
+    runs = _runs(tok, encode_rows([{"messages": msgs}], "chat", tok)[0])
+    assert [r for r in runs if r[0]] == [(True, "2 + 3 = 5.<|im_end|>"), (True, "7.<|im_end|>")]
+    assert runs[0][1].startswith("<|im_start|>system\n") and runs[0][1].endswith("<|im_start|>assistant\n")
+    assert runs[2] == (False, "\n<|im_start|>user\nAnd 3 + 4?<|im_end|>\n<|im_start|>assistant\n")

@@ -74,3 +74,28 @@ def test_packed_loss_and_grads_equal_unpacked(attn):
     # Without the block mask the samples see each other and the loss changes: the mask matters.
     leaky = Collator(tok.pad_token_id)(packed_rows)
     assert abs(model(**leaky).loss.item() - lu.item()) > 1e-4
+
+
+def test_packing_through_the_trainer_gives_the_unpacked_first_step_loss(tmp_path, monkeypatch):
+    """`fastft train` with data.packing: one step over the whole set (one batch) has the same
+    loss packed and unpacked, so the trainer really uses the block-mask collator."""
+    import json
+
+    from trainer_helpers import bundled_rows, make_tiny_model, write_jsonl
+
+    from fastft.train_cli import run
+
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model(tmp_path / "tiny")
+    data = write_jsonl(tmp_path / "d.jsonl", bundled_rows(24))
+    losses = {}
+    for packing in ("false", "true"):
+        run_dir = tmp_path / f"run_{packing}"
+        run(None, ["--model.path", str(model), "--model.dtype", "fp32", "--data.train_file", str(data),
+                   "--data.val_ratio", "0", "--data.packing", packing, "--train.batch_size", "32",
+                   "--train.max_steps", "1", "--train.progress", "false", "--output.tensorboard", "false",
+                   "--output.dir", str(run_dir), "--finetune.mode", "full"])
+        train = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"train"' in line]
+        losses[packing] = (train[0]["loss"], train[0]["target_tokens"])
+    assert losses["true"][1] == losses["false"][1]
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-5)

@@ -164,6 +164,10 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0) -> DataBundle:
     fmt = data_cfg.format
     if fmt not in FIELDS:
         raise DataError(f"data.format={fmt!r}: expected one of {', '.join(FIELDS)}")
+    if data_cfg.packing and fmt == "classification":
+        from fastft.errors import ConfigError
+
+        raise ConfigError("data.packing=true: packing applies to token formats, not classification")
     default = str(BUNDLED / "sentiment.jsonl") if fmt == "classification" else default_train_file()
     train_file = data_cfg.train_file or default
     files = {"main": train_file, **_pairs(data_cfg.tasks, "data.tasks")}
@@ -200,7 +204,7 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0) -> DataBundle:
         validation = [e for v in tasks.values() for e in v]
         stats.update({f"train_{name}": sum(e["task"] == name for e in train) for name in trains})
     collator = None
-    if data_cfg.packing and fmt != "classification":
+    if data_cfg.packing:
         from fastft.data.packing import pack_examples
 
         from fastft.data.packing import PackedCollator
