@@ -79,7 +79,8 @@ class Trainer:
         self.optimizer = build_optimizer(param_groups(model, cfg.finetune, self.t.lr, self.t.weight_decay),
                                          self.t, self.low_precision)
         self.step, self.micro_pos = 0, 0
-        self.best, self.bad_evals, self.history = None, 0, []
+        self.best, self.bad_evals = None, 0
+        self._perm: tuple[int, list[int]] = (-1, [])
         self._stop_requested = False
         self.tb = None
 
@@ -87,9 +88,10 @@ class Trainer:
     def _micro_batch(self, pos: int) -> dict[str, torch.Tensor]:
         """Micro-batch number ``pos`` of the endless stream: epoch e uses permutation e."""
         epoch, i = divmod(pos, self.micro_per_epoch)
-        g = torch.Generator().manual_seed(self.t.seed * 1_000_003 + epoch)
-        perm = dist.shard(torch.randperm(len(self.data.train), generator=g).tolist())
-        idx = perm[i * self.t.batch_size:(i + 1) * self.t.batch_size]
+        if self._perm[0] != epoch:  # the order depends only on (seed, epoch): resumable
+            g = torch.Generator().manual_seed(self.t.seed * 1_000_003 + epoch)
+            self._perm = (epoch, dist.shard(torch.randperm(len(self.data.train), generator=g).tolist()))
+        idx = self._perm[1][i * self.t.batch_size:(i + 1) * self.t.batch_size]
         batch = self.collate([self.data.train[j] for j in idx])
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
