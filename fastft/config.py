@@ -131,6 +131,7 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0 = off)", min=0)
     early_stopping_min_delta: float = opt(0.0, "improvement smaller than this does not count", min=0.0)
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default, one per core)", min=0)
     progress: bool = opt(True, "show a progress bar")
 
 

@@ -95,6 +95,8 @@ def build(cfg: Config):
         if path and not Path(path).exists():
             raise DataError(f"data.{key}={path!r}: file not found")
     device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     dist.init(device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
