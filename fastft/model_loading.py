@@ -57,6 +57,12 @@ def resolve_source(path: str, gguf_file: str | None = None) -> tuple[str, str | 
     if p.is_dir():
         if gguf_file and not (p / gguf_file).is_file():
             raise UserError(f"model.gguf_file={gguf_file!r} not found in {p}")
+        ggufs = sorted(x.name for x in p.glob("*.gguf"))
+        if not gguf_file and not (p / "config.json").is_file() and ggufs:
+            if len(ggufs) > 1:  # a folder of quantisations: the user must pick one
+                raise UserError(f"model.path={path!r} holds several GGUF files ({', '.join(ggufs[:4])}); "
+                                "choose one with model.gguf_file")
+            gguf_file = ggufs[0]
         return str(p), gguf_file
     looks_local = path.startswith((".", "/", "~")) or path.endswith(".gguf") or path.count("/") > 1
     if looks_local:

@@ -336,6 +336,10 @@ def test_model_sources(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     assert resolve_source(str(gguf)) == (str(tmp_path), "m.Q4.gguf")
     assert resolve_source(str(tmp_path), "m.Q4.gguf") == (str(tmp_path), "m.Q4.gguf")
+    assert resolve_source(str(tmp_path)) == (str(tmp_path), "m.Q4.gguf")  # the folder's only GGUF
+    (tmp_path / "m.Q8.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="several GGUF files"):
+        resolve_source(str(tmp_path))
     with pytest.raises(UserError, match="model.gguf_file='other.gguf' not found"):
         resolve_source(str(tmp_path), "other.gguf")
     with pytest.raises(UserError, match="no such file"):
