@@ -186,7 +186,9 @@ def _setup_peft(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.
     pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                       target_modules=list(lora_cfg.target_modules), use_rslora=lora_cfg.use_rslora,
                       task_type="SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM")
-    model = get_peft_model(model, pcfg)
+    # adapters in the model dtype (bf16) with fp32 masters in the optimizer, like every other
+    # trainable weight here: PEFT's default fp32 adapters cast x to fp32 in every adapted layer
+    model = get_peft_model(model, pcfg, autocast_adapter_dtype=False)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model
