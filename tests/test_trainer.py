@@ -1,6 +1,7 @@
 """End-to-end training on a tiny random Llama: every mode learns, frozen weights stay put,
 resume == uninterrupted, early stopping, gradient accumulation, checkpoints load in HF/PEFT."""
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -360,3 +361,26 @@ def test_tensorboard_and_resolved_config_written(tiny, tmp_path):
     saved = from_dict(yaml.safe_load((tmp_path / "tb" / "config.yaml").read_text()))
     assert saved.train.max_steps == 2 and saved.output.dir == str(tmp_path / "tb")
     assert "lora adapters" in (tmp_path / "tb" / "params.txt").read_text()
+
+
+def test_fp16_loss_scaling_skips_overflow_and_unscales(tiny, tmp_path):
+    """The fp16 path (meant for GPUs; CPU here runs the same logic): steps whose scaled grads
+    overflow are skipped with the scale halved and the weights untouched; good steps update."""
+    cfg = load_config(None, base_args(tiny, tmp_path / "h", "--finetune.mode", "full", "--model.dtype", "fp32",
+                                      "--train.max_steps", "40", "--train.lr", "1e-3"))
+    model, tok, bundle, device = build(cfg)
+    model.half()
+    (tmp_path / "h").mkdir()
+    tr = Trainer(cfg, tmp_path / "h", model, tok, bundle, device)
+    assert tr.fp16 and tr.low_precision and tr.loss_scale == 2.0 ** 16
+    tr.loss_scale = 2.0 ** 40  # certain overflow in fp16 gradients
+    w0 = snapshot(model)
+    rec = tr.train_step()
+    assert rec["skipped"] and tr.loss_scale == 2.0 ** 39
+    assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
+    for _ in range(30):
+        rec = tr.train_step()
+        if not rec["skipped"]:
+            break
+    assert not rec["skipped"] and math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
+    assert any(not torch.equal(w0[n], p) for n, p in model.named_parameters())
