@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastft.errors import ConfigError, UserError
-from fastft.ops.adamw import AdamWGroup, StepResult, _state_ptrs, fused_adamw
+from fastft.ops.adamw import AdamWGroup, _state_ptrs, fused_adamw
 
 __all__ = ["FusedAdamW"]
 
@@ -83,7 +83,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.backend = backend
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
-        self._ready: set = set()  # (id(param), amsgrad, master_weights) whose state is checked
+        self._ready: dict = {}  # (id(param), amsgrad, master_weights) -> signature of checked state
+        self._ptr_cache: dict = {}  # group index -> (param ids, state pointer columns)
         # GradScaler: pass grad_scale / found_inf as attributes instead of unscaling grads.
         self._step_supports_amp_scaling = True
 
@@ -97,7 +98,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("_skipped", None)
-        self.__dict__["_ready"] = set()
+        self.__dict__["_ready"] = {}
+        self.__dict__["_ptr_cache"] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):
@@ -136,8 +138,9 @@ class FusedAdamW(torch.optim.Optimizer):
     def _state_for(self, p: Tensor, group: dict, gi: int, pi: int) -> dict:
         state = self.state[p]
         key = (id(p), group["amsgrad"], group["master_weights"])
-        if key in self._ready:  # checked before and nothing replaced it since
+        if self._ready.get(key) == self._signature(state):  # checked, and no tensor replaced since
             return state
+        self._ptr_cache.clear()
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -159,8 +162,15 @@ class FusedAdamW(torch.optim.Optimizer):
                     raise UserError(f"FusedAdamW: state '{k}' of group {gi} param {pi} has shape "
                                     f"{tuple(t.shape)}, expected {tuple(p.shape)}")
                 state[k] = t.to(device=p.device, dtype=torch.float32).contiguous()
-        self._ready.add(key)
+        self._ready[key] = self._signature(state)
         return state
+
+    @staticmethod
+    def _signature(state: dict) -> tuple:
+        # ids of the state tensors: a replaced tensor (e.g. someone assigning state["exp_avg"])
+        # forces the full dtype/shape/device check and new raw pointers
+        return (id(state.get("step")), id(state.get("exp_avg")), id(state.get("exp_avg_sq")),
+                id(state.get("max_exp_avg_sq")), id(state.get("master_param")))
 
     def _collect(self) -> list[AdamWGroup]:
         groups = []
@@ -206,7 +216,13 @@ class FusedAdamW(torch.optim.Optimizer):
                             float(beta2), float(group["eps"]), float(group["weight_decay"]),
                             bool(group["amsgrad"]), bool(group["maximize"]))
             if params and params[0].device.type == "cpu":
-                ag.state_ptrs = _state_ptrs(ag)
+                # state tensors are updated in place, so their pointers only change when
+                # _state_for (re)creates one, which empties this cache
+                key = tuple(map(id, params))
+                hit = self._ptr_cache.get(gi)
+                if hit is None or hit[0] != key:
+                    hit = self._ptr_cache[gi] = (key, _state_ptrs(ag))
+                ag.state_ptrs = hit[1]
             groups.append(ag)
         return groups
 
@@ -220,44 +236,12 @@ class FusedAdamW(torch.optim.Optimizer):
         groups = self._collect()
         devices = {g.params[0].device for g in groups if g.params}
         if len(devices) > 1:
-            # The global clip norm couples devices: fall back to one fused step per device with
-            # the norm computed over all of them.
-            result = self._step_multi_device(groups)
-        else:
-            result = fused_adamw(groups, self.max_grad_norm, getattr(self, "grad_scale", None),
-                                 getattr(self, "found_inf", None), self.backend)
+            # the global clip norm, the skip decision and GradScaler's found_inf couple devices
+            raise UserError(f"FusedAdamW: parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
+                            "use one FusedAdamW per device")
+        result = fused_adamw(groups, self.max_grad_norm, getattr(self, "grad_scale", None),
+                             getattr(self, "found_inf", None), self.backend)
         self.last_grad_norm = result.norm
         skipped = result.skipped.to(torch.int64)
         self._skipped = skipped if self._skipped is None else self._skipped + skipped.to(self._skipped.device)
         return loss
-
-    def _step_multi_device(self, groups: list[AdamWGroup]) -> StepResult:
-        from fastft.ops.adamw import grad_norm
-
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        first = next(g.params[0].device for g in groups if g.params)
-        norm = None
-        max_norm = self.max_grad_norm
-        if max_norm is not None:
-            per_dev: dict[torch.device, list[Tensor]] = {}
-            for g in groups:
-                if g.params:
-                    per_dev.setdefault(g.params[0].device, []).extend(g.grads)
-            sq = sum(grad_norm(gr, self.backend).double().to(first).square() for gr in per_dev.values())
-            norm = sq.sqrt().float()
-            if grad_scale is not None:
-                norm = norm / grad_scale.to(first)
-            bad = not bool(torch.isfinite(norm))
-            coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-            if bad:
-                return StepResult(norm, torch.tensor(True, device=first))
-            # pre-apply the coefficient through grad_scale (kernels multiply by 1 / grad_scale)
-            scale = (1.0 if grad_scale is None else float(grad_scale)) / coef
-            grad_scale = torch.tensor(scale)
-        skipped = torch.tensor(False, device=first)
-        for dev in {g.params[0].device for g in groups if g.params}:
-            sub = [g for g in groups if g.params and g.params[0].device == dev]
-            r = fused_adamw(sub, None, grad_scale, found_inf, self.backend)
-            skipped = skipped | r.skipped.to(first)
-        return StepResult(norm, skipped)

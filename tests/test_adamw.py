@@ -441,3 +441,21 @@ def test_auto_backend_is_the_cpu_kernel(monkeypatch):
     monkeypatch.delenv("FASTFT_BACKEND", raising=False)
     expected = "cpu" if "cpu" in BACKENDS else "torch"
     assert _backend.choose_backend("adamw", "cpu") == expected
+
+
+def test_replaced_state_tensor_is_rechecked():
+    """Raw pointers are cached between steps; a state tensor replaced by the user (here with the
+    wrong dtype) must be re-validated and converted, never written through a stale pointer."""
+    p, q = torch.nn.Parameter(torch.randn(37)), torch.nn.Parameter(torch.randn(37))
+    p.grad, q.grad = torch.randn(37), torch.randn(37)
+    opt = FusedAdamW([p, q], lr=1e-2, backend="cpu")
+    opt.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].to(torch.bfloat16)
+    ref = FusedAdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-2, backend="torch")
+    rp = ref.param_groups[0]["params"][0]
+    ref.state[rp].update({k: v.float().clone() for k, v in opt.state[p].items()})
+    rp.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    assert_fp32_close(p, rp, "param after state replacement")
