@@ -94,6 +94,9 @@ def build(cfg: Config):
         path = getattr(cfg.data, key, "")
         if path and not Path(path).exists():
             raise DataError(f"data.{key}={path!r}: file not found")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -170,7 +173,14 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
     dist.barrier()
     if ckpt is not None:
         trainer.resume_from(ckpt)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except ConfigError:
+        if ckpt is None and trainer.step == 0 and dist.is_main():  # found before any training: leave nothing
+            if trainer.tb is not None:
+                trainer.tb.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     summary["run_dir"] = str(run_dir)
     if dist.is_main():
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})

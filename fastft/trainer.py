@@ -257,6 +257,10 @@ class Trainer:
 
         self._open_tensorboard()
         eval_before = self.evaluate() if self.step == 0 else {}
+        key = self.t.early_stopping_metric
+        if self.t.early_stopping_patience and self.step == 0 and key not in eval_before:
+            raise ConfigError(f"train.early_stopping_metric={key!r}: the evaluation reports "
+                              f"{', '.join(eval_before) or 'nothing (no validation data)'}")
         if eval_before:
             self._write({"event": "eval", "step": 0, **eval_before})
         old = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None

@@ -264,6 +264,9 @@ CLI_ERRORS = [
     (["--lora.r", "0"], "lora.r=0"),
     (["--train.warmup_steps", "999"], "warmup must be shorter than the run"),
     (["--model.path", "nobody/not-a-cached-model"], "not in the Hugging Face cache"),
+    (["--train.early_stopping_patience", "2", "--train.early_stopping_metric", "acuracy"],
+     "train.early_stopping_metric='acuracy': the evaluation reports eval_loss, eval_ppl"),
+    (["--train.early_stopping_patience", "2", "--data.val_ratio", "0"], "nothing (no validation data)"),
 ]
 
 
