@@ -12,6 +12,16 @@ from fastft.data.packing import IGNORE, PackedCollator, block_causal_mask, pack_
 from fastft.errors import DataError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: OpenMP spin-waits of 2 threads on the shared box cost far more than they
+    gain (the trainer tests measured 15 s vs 2 min under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _examples():
     tok = tiny_tokenizer()
     rows = [{"prompt": f"What is {i} + {i + 1}?", "completion": f" {2 * i + 1}." + " Paris is in France." * (i % 4)}
