@@ -71,6 +71,8 @@ def apply_freezing(model: nn.Module, ft_cfg, unfrozen: bool = False) -> None:
                 train = False
         if frozen_re is not None and frozen_re.search(name):
             train = False
+        if ".original_module." in name:  # PEFT keeps an unused copy of heads it trains
+            train = False
         p.requires_grad_(train)
     if mode == "lora" and not unfrozen:
         # LoRA convention: the embeddings stay frozen (lora modules on embeddings would be new params)
