@@ -81,7 +81,7 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if batch_size < 1 or max_length < 8:
         raise UserError(f"--batch-size {batch_size} / --max-length {max_length}: expected >= 1 / >= 8")
-    if not Path(data).exists():
+    if not Path(data.rsplit("::", 1)[0] if "::" in data else data).exists():  # "<dataset dir>::<split>"
         raise UserError(f"--data {data!r}: no such file or directory")
     cfg = _data_cfg(fmt, max_length, columns, chat_template, train_on_inputs)
     if fmt == "classification":

@@ -131,3 +131,28 @@ def test_empty_and_malformed_files(tmp_path):
         build_datasets(_cfg("--data.train_file", str(bad)), tok)
     out = build_datasets(_cfg("--data.train_file", str(bad), "--data.on_bad_line", "skip", "--data.val_ratio", "0"), tok)
     assert out.stats["skipped_bad_lines"] == 3 and len(out.train) == 3  # duplicates kept by default
+
+
+def test_per_task_validation_losses_from_the_metrics_hook(tmp_path):
+    """Mixed tasks: the hook reports each task's validation loss, equal to the HF loss on it."""
+    import torch
+
+    from _data_util import tiny_llama
+    from fastft.data.collate import Collator
+    from fastft.metrics import make_metrics_hook
+
+    tok = tiny_tokenizer()
+    a = _jsonl(tmp_path / "a.jsonl", [{"text": f"The pasta was wonderful, day {i}."} for i in range(30)])
+    g = _jsonl(tmp_path / "g.jsonl", [{"text": f"What is {i} + 1? {i + 1}."} for i in range(20)])
+    b = build_datasets(_cfg("--data.train_file", a, "--data.format", "text", "--data.tasks", f"general={g}",
+                            "--data.mix_temperature", "2"), tok)
+    assert make_metrics_hook(build_datasets(_cfg("--data.train_file", a, "--data.format", "text"), tok),
+                             None, tok.pad_token_id) is None  # one task: nothing to add
+    model = tiny_llama(vocab_size=len(tok))
+    out = make_metrics_hook(b, None, tok.pad_token_id, batch_size=2)(model, tok, b, 0)
+    assert set(out) == {"main/eval_loss", "main/eval_ppl", "general/eval_loss", "general/eval_ppl"}
+    for name in ("main", "general"):
+        with torch.no_grad():
+            ref = model(**Collator(tok.pad_token_id)(b.tasks[name])).loss.item()
+        assert out[f"{name}/eval_loss"] == pytest.approx(ref, rel=1e-5)
+    assert out["main/eval_loss"] != out["general/eval_loss"]

@@ -50,6 +50,10 @@ def test_every_source_round_trips(tmp_path, kind):
         p = str(tmp_path / "hf")
         ds.save_to_disk(p)
     assert read_records(p) == ROWS
+    if kind == "hf_dict":
+        assert read_records(p + "::test") == ROWS[:1] == read_records(p, split="test")
+        with pytest.raises(DataError, match=r"split 'dev' not found; the directory has splits \['test', 'train'\]"):
+            read_records(p + "::dev")
 
 
 def test_malformed_json_line_stops_with_file_and_line(tmp_path):

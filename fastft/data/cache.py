@@ -41,7 +41,8 @@ def fingerprint_files(paths: Iterable[str]) -> str:
     """Hash of the contents of files (a directory: every file in it, in sorted order)."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(b"\0path\0")
+        h.update(b"\0path\0" + p.encode())
+        p = p.rsplit("::", 1)[0] if "::" in p and not os.path.exists(p) else p  # "<dir>::<split>"
         if os.path.isdir(p):
             for root, dirs, files in os.walk(p):
                 dirs.sort()

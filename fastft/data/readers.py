@@ -148,12 +148,15 @@ def read_records(path: str, *, on_bad_line: str = "error", split: str | None = N
         path: file (``.jsonl``, ``.ndjson``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``) or directory.
         on_bad_line: ``"error"`` stops at the first malformed JSONL line, ``"skip"`` skips it with a
             warning and records it in ``report.skipped``.
-        split: for a ``DatasetDict`` directory, the split to read (default ``train``).
+        split: for a ``DatasetDict`` directory, the split to read (default ``train``); also given
+            as ``path="<dir>::<split>"``, which is how config keys name a split.
         report: filled with row and skip counts when given.
 
     Raises:
         DataError: missing path, unknown extension, malformed content, non-UTF-8 bytes.
     """
+    if split is None and "::" in path and os.path.isdir(path.rsplit("::", 1)[0]):
+        path, split = path.rsplit("::", 1)  # "dataset_dir::validation" picks a DatasetDict split
     if on_bad_line not in ON_BAD_LINE:
         raise DataError(f"on_bad_line={on_bad_line!r}: expected one of {', '.join(ON_BAD_LINE)}")
     report = report if report is not None else ReadReport(path)
