@@ -105,11 +105,13 @@ def test_matches_torch_adamw(backend, max_norm):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_amsgrad_maximize_tensor_lr_scheduler(backend):
+@pytest.mark.parametrize("lr", ["float", "tensor"])
+def test_amsgrad_maximize_lr_scheduler(backend, lr):
     sizes = TRITON_SIZES if backend == "triton" else SIZES
     steps = 20 if backend == "triton" else 50
     ps, ref = _make(sizes), _make(sizes)
-    kw = dict(lr=torch.tensor(2e-2), weight_decay=0.05, amsgrad=True, maximize=True)
+    kw = dict(lr=torch.tensor(2e-2) if lr == "tensor" else 2e-2, weight_decay=0.05, amsgrad=True,
+              maximize=True)
     opt = FusedAdamW(_groups(ps), max_grad_norm=0.5, backend=backend, **kw)
     topt = torch.optim.AdamW(_groups(ref), **kw)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=steps)
@@ -133,8 +135,6 @@ def test_amsgrad_maximize_tensor_lr_scheduler(backend):
 def test_low_precision_master_weights(backend, dtype):
     """bf16/fp16 params + fp32 masters (mixed with an fp32 param in the same group) against an
     fp32 run: error at most 2x torch.optim.AdamW's own error when it runs in that dtype."""
-    if backend == "triton" and dtype == torch.float16:
-        pytest.skip("fp16 Triton path is the same kernel as bf16 (one cast); keep interpreter time low")
     sizes = TRITON_SIZES if backend == "triton" else SIZES
     steps = 20 if backend == "triton" else 50
     fp32 = _make(sizes)
