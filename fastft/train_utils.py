@@ -92,58 +92,14 @@ class CausalLMLoss(nn.Module):
         return loss, keep.sum()
 
 
-class MasterAdamW(torch.optim.Optimizer):
-    """Fallback used only when ``fastft.optim.FusedAdamW`` is not in this install: same
-    signature; fp32 master copies of low-precision params, torch's fused AdamW maths, global
-    norm clipping, ``last_grad_norm``."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 max_grad_norm=None, master_weights=False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.max_grad_norm = max_grad_norm
-        self.master_weights = master_weights
-        self.last_grad_norm = torch.zeros(())
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        self.last_grad_norm = norm
-        clip = 1.0
-        if self.max_grad_norm:
-            clip = min(1.0, self.max_grad_norm / (float(norm) + 1e-6))
-        for g in self.param_groups:
-            b1, b2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    if p.dtype != torch.float32:
-                        st["master"] = p.detach().float().clone()
-                    m = st.get("master", p)
-                    st["exp_avg"] = torch.zeros_like(m, dtype=torch.float32)
-                    st["exp_avg_sq"] = torch.zeros_like(m, dtype=torch.float32)
-                master = st.get("master", p)
-                grad = p.grad.float() * clip
-                torch.optim._functional.adam([master], [grad], [st["exp_avg"]], [st["exp_avg_sq"]], [],
-                                             [st["step"]], amsgrad=False, beta1=b1, beta2=b2, lr=g["lr"],
-                                             weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
-                                             foreach=False, decoupled_weight_decay=True)
-                if master is not p:
-                    p.copy_(master)
-
-
 def build_optimizer(groups: list[dict], cfg_train, low_precision: bool) -> torch.optim.Optimizer:
-    try:
-        from fastft.optim import FusedAdamW as Opt
-    except ImportError:
-        Opt = MasterAdamW
+    """FusedAdamW over the groups: fused global-norm clipping, fp32 masters for bf16/fp16 params."""
+    from fastft.optim import FusedAdamW
+
     clean = [{**{k: v for k, v in g.items() if k != "names"}, "base_lr": g["lr"]} for g in groups]
-    return Opt(clean, lr=cfg_train.lr, betas=(cfg_train.adam_beta1, cfg_train.adam_beta2),
-               eps=cfg_train.adam_eps, weight_decay=cfg_train.weight_decay,
-               max_grad_norm=cfg_train.max_grad_norm or None, master_weights=low_precision)
+    return FusedAdamW(clean, lr=cfg_train.lr, betas=(cfg_train.adam_beta1, cfg_train.adam_beta2),
+                      eps=cfg_train.adam_eps, weight_decay=cfg_train.weight_decay,
+                      max_grad_norm=cfg_train.max_grad_norm or None, master_weights=low_precision)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
