@@ -263,7 +263,9 @@ class Trainer:
                               f"{', '.join(eval_before) or 'nothing (no validation data)'}")
         if eval_before:
             self._write({"event": "eval", "step": 0, **eval_before})
-        old = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        # Ctrl-C and SIGTERM (e.g. a scheduler preempting the job): finish the step, save, exit
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        old = {s: signal.signal(s, self._on_sigint) for s in sigs} if _main_thread() else {}
         bar = Progress(self.total_steps, self.step, enabled=self.t.progress and dist.is_main())
         stopped, interrupted, last_eval = False, False, None
         try:
@@ -297,8 +299,8 @@ class Trainer:
                     break
         finally:
             bar.close()
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         summary = {"steps": self.step, "stopped_early": stopped, "interrupted": interrupted,
                    "eval_before": eval_before}
         if not interrupted:
@@ -319,7 +321,8 @@ class Trainer:
         if self._stop_requested:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._stop_requested = True
-        self.log("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"\n{name}: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
 
     def _final_save(self) -> None:
         """``<run>/final``: adapter (PEFT) or HF model + tokenizer; ``<run>/merged`` on request."""
