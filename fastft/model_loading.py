@@ -45,10 +45,15 @@ def default_model_source() -> tuple[str, str]:
 def resolve_source(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn ``model.path``/``model.gguf_file`` into (folder or hub id, gguf file or None).
 
-    Accepts "default", a local folder, a ``.gguf`` file path, or a hub id (offline only).
+    Accepts "default", a local folder, a ``.gguf`` file path, ``pkg:<package>/<dir>``, or a hub
+    id (offline only).
     """
     if path in (DEFAULT_MODEL, "", None):
         return default_model_source()
+    if path.startswith("pkg:"):  # a folder inside an installed package, found without importing it
+        from fastft.data.classification import resolve_package_path
+
+        path = resolve_package_path(path)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         if gguf_file:
