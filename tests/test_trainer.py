@@ -349,6 +349,8 @@ def test_model_sources(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no such file"):
         resolve_source(str(tmp_path / "missing.gguf"))
     assert resolve_source("org/model") == ("org/model", None)  # a hub id: resolved offline later
+    with pytest.raises(UserError, match="package 'no_such_pkg' is not installed"):
+        resolve_source("pkg:no_such_pkg/model")
 
 
 def test_tensorboard_and_resolved_config_written(tiny, tmp_path):
