@@ -131,3 +131,14 @@ def test_multi_turn_chat_mask_with_the_smollm2_template():
     assert [r for r in runs if r[0]] == [(True, "2 + 3 = 5.<|im_end|>"), (True, "7.<|im_end|>")]
     assert runs[0][1].startswith("<|im_start|>system\n") and runs[0][1].endswith("<|im_start|>assistant\n")
     assert runs[2] == (False, "\n<|im_start|>user\nAnd 3 + 4?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_assistant_first_turn_does_not_train_the_default_system_prompt():
+    tok = tiny_tokenizer()
+    with_default = ("{% if not messages or messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}" + CHATML)
+    msgs = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "How can I help you today?"}]
+    runs = _runs(tok, encode_rows([{"messages": msgs}], "chat", tok, chat_template=with_default)[0])
+    assert runs[0] == (False, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>assistant\n")
+    assert [r for r in runs if r[0]] == [(True, "Hello!<|im_end|>"), (True, "How can I help you today?<|im_end|>")]

@@ -78,8 +78,16 @@ def chat_segments(messages: list[dict], tokenizer: Any, template: str, where: st
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, template, messages[:i], True) if i else ""
         upto = _render(tokenizer, template, messages[:i + 1], False)
+        if i:
+            prompt = _render(tokenizer, template, messages[:i], True)
+        else:
+            # Assistant-first conversation: HF cannot render zero messages, so the prompt is what
+            # precedes this answer's content (e.g. SmolLM2's injected default system prompt).
+            cut = upto.rfind(m["content"]) if m["content"] else -1
+            if cut < 0:
+                raise DataError(f"{where}: cannot locate the first assistant message in the rendered chat")
+            prompt = upto[:cut]
         start, end = len(prompt), len(upto)
         if not (full.startswith(upto) and upto.startswith(prompt)) or start < pos:
             raise DataError(f"{where}: the chat template does not render conversations prefix-consistently "
