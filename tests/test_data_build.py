@@ -156,3 +156,46 @@ def test_per_task_validation_losses_from_the_metrics_hook(tmp_path):
             ref = model(**Collator(tok.pad_token_id)(b.tasks[name])).loss.item()
         assert out[f"{name}/eval_loss"] == pytest.approx(ref, rel=1e-5)
     assert out["main/eval_loss"] != out["general/eval_loss"]
+
+
+@pytest.mark.parametrize("case", ["latin1", "malformed", "missing_column", "unseen_label", "empty_text_no_drop"])
+def test_fastft_train_bad_data_exits_2_with_one_line_and_no_run_dir(case, tmp_path, capsys):
+    from trainer_helpers import make_tiny_model
+
+    from fastft.cli import main
+
+    model = make_tiny_model(tmp_path / "tiny")
+    f = tmp_path / "d.jsonl"
+    extra: list[str] = []
+    if case == "latin1":
+        f.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+        want = "d.jsonl:2: bytes are not valid UTF-8"
+    elif case == "malformed":
+        f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a",\n')
+        want = "d.jsonl:2: malformed JSON"
+    elif case == "missing_column":
+        f.write_text('{"question": "a", "answer": "b"}\n')
+        want = "needs column(s) ['instruction', 'output']; the data has columns ['answer', 'question']"
+    elif case == "unseen_label":
+        f.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+        v = tmp_path / "v.jsonl"
+        v.write_text('{"text": "so-so", "label": "mixed"}\n')
+        extra = ["--data.format", "classification", "--data.validation_file", str(v)]
+        want = "label 'mixed' was not seen in training"
+    else:
+        f.write_text('{"text": "good", "label": "pos"}\n{"text": "  ", "label": "neg"}\n')
+        extra = ["--data.format", "classification", "--data.drop_empty", "false"]
+        want = "row 1: empty text"
+    run_dir = tmp_path / "run"
+    code = 0
+    try:
+        main(["train", "--model.path", str(model), "--data.train_file", str(f), "--output.dir", str(run_dir),
+              "--train.max_steps", "1", "--train.progress", "false", *extra])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "it/s]" not in ln
+             and not ln.startswith(("[transformers]", "Key ", "---", "score.", "classifier.", "Notes:", "- MISSING"))]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], err
+    assert not run_dir.exists()
