@@ -84,3 +84,10 @@ def test_help_documents_every_key():
         assert f"--{key} " in out, key
     assert len(all_keys()) == sum(len(dataclasses.fields(getattr(Config(), s))) for s in
                                   ("model", "finetune", "lora", "data", "train", "output"))
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in
+                                        (__import__("pathlib").Path(__file__).parent.parent / "examples").glob("*.yaml")))
+def test_example_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.output.dir  # examples name their run directory
