@@ -6,8 +6,9 @@
 //   2. non-finite norm -> nothing is written (step counters included), the caller counts a skip;
 //   3. one pass over p, g, m, v (+ vmax, fp32 master) per parameter; the clip coefficient and
 //      1/grad_scale are applied as each gradient is read, so gradients are never rewritten.
-// Each thread walks its contiguous range of chunks forwards in pass 1 and backwards in pass 3,
-// so the gradients it read last (still in L2/L3) are the first it needs again.
+// Each thread owns one contiguous range of chunks (static split, same in both passes).
+// Walking pass 3 backwards to reuse the L3-resident tail of pass 1 was tried: it can save at most
+// L3/(28 B per param) elements' grad reads (~0.3% of the traffic here) and measured no difference.
 //
 // Pointers arrive as uintptr_t, validated by fastft/ops/adamw.py (device, dtype, contiguity,
 // numel). No torch C++ API.
@@ -244,7 +245,7 @@ py::tuple adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_
       {
         int64_t lo, hi;
         thread_range(nc, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
-        for (int64_t c = hi - 1; c >= lo; --c) {  // backwards: reuse the cache-hot tail of pass 1
+        for (int64_t c = lo; c < hi; ++c) {
           const Chunk& k = chunks[c];
           update_chunk(tp[k.tensor], sc[k.tensor], k.start, k.len);
         }
