@@ -30,6 +30,8 @@ def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str 
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ConfigError(f"{where}: lr tensor must have 1 element, got shape {tuple(lr.shape)}")
+        if lr.device.type == "cpu" and not float(lr) >= 0.0:
+            raise ConfigError(f"{where}: lr={float(lr)!r}: expected a finite number >= 0")
     elif not isinstance(lr, (int, float)) or not lr >= 0.0 or math.isinf(lr):
         raise ConfigError(f"{where}: lr={lr!r}: expected a finite number >= 0")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -406,7 +406,8 @@ def test_bad_inputs_raise_clear_errors():
     for kw, frag in [(dict(lr=-1.0), "lr=-1.0"), (dict(betas=(1.0, 0.9)), "betas[0]=1.0"),
                      (dict(betas=(0.9, -0.1)), "betas[1]=-0.1"), (dict(eps=-1e-8), "eps"),
                      (dict(weight_decay=-0.1), "weight_decay"), (dict(max_grad_norm=-1.0), "max_grad_norm"),
-                     (dict(lr=float("nan")), "lr=nan")]:
+                     (dict(lr=float("nan")), "lr=nan"), (dict(lr=torch.tensor(-1e-3)), "lr=-0.001"),
+                     (dict(lr=torch.tensor([1e-3, 2e-3])), "1 element")]:
         with pytest.raises(ConfigError, match=frag.replace("[", r"\[").replace("]", r"\]")):
             FusedAdamW([p], **kw)
     with pytest.raises(ConfigError, match="param group 1"):
@@ -459,3 +460,29 @@ def test_replaced_state_tensor_is_rechecked():
     ref.step()
     assert opt.state[p]["exp_avg"].dtype == torch.float32
     assert_fp32_close(p, rp, "param after state replacement")
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_cpu_kernel_multithreaded_chunks(master):
+    """>256K elements: the C++ kernel splits 32K-element chunks over OpenMP threads (the small
+    problems above run on one thread). Must equal the reference backend."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("fastft._C not built")
+    dtype = torch.bfloat16 if master else torch.float32
+    sizes = (700_001, 3, 300_000)
+    ps, ref = _make(sizes, dtype), _make(sizes, dtype)
+    opt = FusedAdamW(ps, lr=1e-2, max_grad_norm=1.0, master_weights=master, backend="cpu")
+    topt = FusedAdamW(ref, lr=1e-2, max_grad_norm=1.0, master_weights=master, backend="torch")
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        grads = [torch.randn(n, generator=gen) for n in sizes]
+        _set(ps, grads)
+        _set(ref, grads)
+        opt.step()
+        topt.step()
+        assert_fp32_close(opt.last_grad_norm, topt.last_grad_norm, "norm")
+    keys = ("exp_avg", "exp_avg_sq") + (("master_param",) if master else ())
+    _compare_state(opt, topt, ps, ref, keys=keys)
+    if master:
+        for p in ps:
+            assert torch.equal(p.detach(), opt.state[p]["master_param"].to(dtype))
