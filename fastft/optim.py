@@ -143,10 +143,11 @@ class FusedAdamW(torch.optim.Optimizer):
         if self._ready.get(key) == self._signature(state):  # checked, and no tensor replaced since
             return state
         self._ptr_cache.clear()
-        if "step" not in state:
+        if "step" not in state or "exp_avg" not in state or "exp_avg_sq" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state.pop("max_exp_avg_sq", None)
         elif state["step"].device != p.device or state["step"].dtype != torch.float32:
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32).reshape(())
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
