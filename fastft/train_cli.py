@@ -190,6 +190,9 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         if before or after:
             fmt = lambda d: f"{d['eval_loss']:.4f} (ppl {d['eval_ppl']:.2f})" if d else "n/a"  # noqa: E731
             click.echo(f"held-out loss before: {fmt(before)}  after: {fmt(after)}")
+        if summary.get("test"):
+            t = summary["test"]
+            click.echo(f"test loss: {t['test_loss']:.4f} (ppl {t['test_ppl']:.2f})")
         click.echo(f"run dir: {run_dir}")
     dist.cleanup()
     return summary

@@ -163,8 +163,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
-    def evaluate(self, examples: list[dict] | None = None) -> dict:
-        """Token-weighted loss and perplexity over ``examples`` (default: validation split)."""
+    def evaluate(self, examples: list[dict] | None = None, hook: bool = True) -> dict:
+        """Token-weighted loss and perplexity over ``examples`` (default: validation split), plus
+        the metrics hook's results when ``hook``."""
         examples = self.data.validation if examples is None else examples
         if not examples:
             return {}
@@ -182,7 +183,7 @@ class Trainer:
         dist.all_reduce_sum(tot)
         loss = (tot[0] / tot[1].clamp(min=1)).item()
         out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tot[1])}
-        if self.metrics_hook is not None:
+        if hook and self.metrics_hook is not None:
             out.update(self.metrics_hook(self.model, self.tokenizer, self.data, self.step))
         self.model.train()
         return out
@@ -309,6 +310,10 @@ class Trainer:
                 self._write({"event": "eval", "step": self.step, **after})
                 self._improved(after)
             summary["eval_after"] = after
+            if self.data.test:
+                test = self.evaluate(self.data.test, hook=False)
+                summary["test"] = {k.replace("eval_", "test_"): v for k, v in test.items()}
+                self._write({"event": "test", "step": self.step, **summary["test"]})
             self._final_save()
         summary["best"] = self.best
         self._write({"event": "end", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

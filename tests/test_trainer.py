@@ -302,8 +302,11 @@ def test_cli_empty_dataset_and_existing_run_dir(tiny, tmp_path, capsys):
         main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "already holds a run" in err and "--overwrite" in err
-    main(args + ["--overwrite"])
+    test = write_jsonl(tmp_path / "test.jsonl", bundled_rows(60)[40:])
+    main(args + ["--overwrite", "--data.test_file", str(test)])
     assert len(metrics(tmp_path / "r1")) == 2
+    (rec,) = metrics(tmp_path / "r1", "test")
+    assert rec["test_loss"] > 0 and rec["test_tokens"] > 0 and "test loss:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
