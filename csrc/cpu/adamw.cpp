@@ -55,14 +55,24 @@ template <int DT>
 inline __attribute__((always_inline)) double sumsq_span(const void* base, int64_t start, int64_t len) {
   using E = Elem<DT>;
   const auto* x = static_cast<const typename E::T*>(base) + start;
-  double acc = 0.0;
-  // omp simd reduction lets the compiler reassociate (8 fp64 lanes) without -ffast-math.
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < len; ++i) {
+  // 32 independent fp64 lanes (4 AVX-512 registers), vectorized without reassociation. One
+  // accumulator (omp simd reduction) is bound by the add latency: bf16 grads ran at 28 GB/s
+  // (3.5 ms for 50M) vs 41 GB/s (2.5 ms) now; fp32 grads are at the read bandwidth either way.
+  constexpr int L = 32;
+  double acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= len; i += L)
+    for (int j = 0; j < L; ++j) {
+      double f = static_cast<double>(E::load(x, i + j));
+      acc[j] += f * f;
+    }
+  for (int j = 0; i < len; ++i, ++j) {
     double f = static_cast<double>(E::load(x, i));
-    acc += f * f;
+    acc[j] += f * f;
   }
-  return acc;
+  for (int w = L / 2; w > 0; w /= 2)  // fixed pairwise order: deterministic
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
