@@ -190,7 +190,12 @@ def _setup_peft(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.
                       task_type="SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM")
     # adapters in the model dtype (bf16) with fp32 masters in the optimizer, like every other
     # trainable weight here: PEFT's default fp32 adapters cast x to fp32 in every adapted layer
-    model = get_peft_model(model, pcfg, autocast_adapter_dtype=False)
+    try:
+        model = get_peft_model(model, pcfg, autocast_adapter_dtype=False)
+    except ValueError as e:  # no module matched: name a few real ones
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"lora.target_modules={list(lora_cfg.target_modules)}: no module matched "
+                          f"({type(e).__name__}); linear layers here: {', '.join(linear[:8])}") from None
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model

@@ -262,6 +262,7 @@ CLI_ERRORS = [
     (["--data.train_file", "/nonexistent.jsonl"], "not found"),
     (["--train.lr", "-0.1"], "train.lr=-0.1"),
     (["--lora.r", "0"], "lora.r=0"),
+    (["--lora.target_modules", "qq_proj"], "lora.target_modules=['qq_proj']: no module matched"),
     (["--train.warmup_steps", "999"], "warmup must be shorter than the run"),
     (["--model.path", "nobody/not-a-cached-model"], "not in the Hugging Face cache"),
     (["--train.early_stopping_patience", "2", "--train.early_stopping_metric", "acuracy"],
