@@ -139,8 +139,12 @@ def materialize(path: str = DEFAULT_MODEL, gguf_file: str | None = None) -> str:
         return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - a corrupt/unsupported file fails in many ways (struct.error, ...)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{Path(folder) / gguf}: cannot load this GGUF file ({msg[:200]})") from None
     _write_hf_folder(model, tok, out)
     return str(out)
 

@@ -353,6 +353,12 @@ def test_model_sources(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no such file"):
         resolve_source(str(tmp_path / "missing.gguf"))
     assert resolve_source("org/model") == ("org/model", None)  # a hub id: resolved offline later
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    from fastft.model_loading import materialize
+
+    with pytest.raises(UserError, match="cannot load this GGUF file"):
+        materialize(str(gguf))
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))
     with pytest.raises(UserError, match="package 'no_such_pkg' is not installed"):
         resolve_source("pkg:no_such_pkg/model")
 
