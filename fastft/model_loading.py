@@ -180,5 +180,11 @@ def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = 
     kwargs = {"config": config, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    return model, load_tokenizer(folder), folder
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tok = load_tokenizer(folder)
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"model.path={path!r}: cannot load a causal LM and tokenizer from {folder} "
+                        f"({msg[:200]})") from None
+    return model, tok, folder
