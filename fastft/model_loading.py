@@ -126,17 +126,54 @@ def _write_hf_folder(model, tokenizer, out: Path) -> None:
         raise
 
 
-def materialize(path: str = DEFAULT_MODEL, gguf_file: str | None = None) -> str:
+def _derive_dtype_folder(src: Path, out: Path, dtype: torch.dtype) -> None:
+    """Copy of the fp32 cache folder ``src`` with its weights cast to ``dtype`` (round to nearest
+    even, exactly what ``from_pretrained(dtype=...)`` does on load), written atomically."""
+    from safetensors.torch import load_file, save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                shutil.copy2(f, tmp / f.name)
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in
+                 load_file(str(src / "model.safetensors")).items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def materialize(path: str = DEFAULT_MODEL, gguf_file: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Return a local HF folder for the model: the folder itself, the hub snapshot, or the
-    dequantised-GGUF cache folder (written on first use)."""
+    dequantised-GGUF cache folder (written on first use).
+
+    For GGUF sources and a 16-bit ``dtype`` the cache also keeps a 16-bit copy: loading the fp32
+    folder into bf16 peaks at 1234 MB RSS for SmolLM2 (the fp32 file pages count), the bf16 copy
+    at 498 MB, and the weights are bit-identical. (A LoRA run at 4x256 tokens still peaks at
+    ~2.1 GB either way: there the activations dominate.)
+    """
     folder, gguf = resolve_source(path, gguf_file)
     if not Path(folder).is_dir():
         folder = _offline_hub_folder(folder)
     if not gguf:
         return folder
     out = _gguf_cache_path(folder, gguf)
-    if (out / "model.safetensors").is_file():
-        return str(out)
+    if not (out / "model.safetensors").is_file():
+        _dequantise_to(folder, gguf, out)
+    if dtype in (torch.bfloat16, torch.float16):
+        half = out.with_name(out.name + ("-bf16" if dtype == torch.bfloat16 else "-fp16"))
+        if not (half / "model.safetensors").is_file():
+            _derive_dtype_folder(out, half, dtype)
+        return str(half)
+    return str(out)
+
+
+def _dequantise_to(folder: str, gguf: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -146,7 +183,6 @@ def materialize(path: str = DEFAULT_MODEL, gguf_file: str | None = None) -> str:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{Path(folder) / gguf}: cannot load this GGUF file ({msg[:200]})") from None
     _write_hf_folder(model, tok, out)
-    return str(out)
 
 
 def load_tokenizer(folder: str):
@@ -167,7 +203,7 @@ def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = materialize(path, gguf_file)
+    folder = materialize(path, gguf_file, dtype)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:

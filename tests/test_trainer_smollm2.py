@@ -81,3 +81,15 @@ def test_full_steps_in_bf16_with_grad_accum(tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(r["tokens"] > r["target_tokens"] > 0 and r["grad_norm"] > 0 for r in train)
     assert lines[-1]["event"] == "end" and lines[-1]["peak_rss_mb"] > 100
+
+
+@needs_model
+def test_bf16_cache_copy_is_the_rounded_fp32_cache():
+    from safetensors.torch import load_file
+
+    fp32 = load_file(str(Path(materialize()) / "model.safetensors"))
+    bf16_dir = Path(materialize(dtype=torch.bfloat16))
+    assert bf16_dir != Path(materialize()) and (bf16_dir / "tokenizer.json").is_file()
+    bf16 = load_file(str(bf16_dir / "model.safetensors"))
+    assert bf16.keys() == fp32.keys()
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
