@@ -114,8 +114,19 @@ def _read_csv(path: str) -> list[dict]:
     return rows
 
 
+def _optional(module: str, path: str, what: str):
+    """Import a reader library of the ``data`` extra, or a one-line DataError saying how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{path}: reading {what} needs the `{module.split('.')[0]}` package "
+                        "(pip install 'fastft[data]')") from None
+
+
 def _read_parquet(path: str) -> list[dict]:
-    import pyarrow.parquet as pq
+    pq = _optional("pyarrow.parquet", path, "Parquet files")
 
     try:
         table = pq.read_table(path)
@@ -125,7 +136,7 @@ def _read_parquet(path: str) -> list[dict]:
 
 
 def _read_hf_dir(path: str, split: str | None) -> list[dict]:
-    import datasets
+    datasets = _optional("datasets", path, "`datasets` directories")
 
     try:
         ds = datasets.load_from_disk(path)
