@@ -26,6 +26,9 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "adamw": ("triton", "cuda", "cpu", "torch"),
     "cross_entropy": ("triton", "cuda", "cpu", "torch"),
     "int8_linear": ("triton", "cuda", "cpu", "torch"),
+    "rms_norm": ("triton", "cuda", "cpu", "torch"),
+    "swiglu": ("triton", "cuda", "cpu", "torch"),
+    "rope": ("triton", "cuda", "cpu", "torch"),
 }
 # dtype codes shared with csrc/include/fastft/common.h
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

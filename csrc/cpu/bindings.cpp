@@ -36,6 +36,9 @@ PYBIND11_MODULE(_C, m) {
   if (fastft::register_adamw) { fastft::register_adamw(m); ops.append("adamw"); }
   if (fastft::register_cross_entropy) { fastft::register_cross_entropy(m); ops.append("cross_entropy"); }
   if (fastft::register_int8_linear) { fastft::register_int8_linear(m); ops.append("int8_linear"); }
-  if (fastft::register_elementwise) { fastft::register_elementwise(m); ops.append("elementwise"); }
+  if (fastft::register_elementwise) {  // one file, three op keys (fastft/_backend.py OP_BACKENDS)
+    fastft::register_elementwise(m);
+    for (const char* k : {"elementwise", "rms_norm", "swiglu", "rope"}) ops.append(k);
+  }
   m.attr("ops") = ops;
 }

@@ -1,0 +1,342 @@
+// Fused RMSNorm, SwiGLU and rotary embedding (forward and backward) on CPU: OpenMP threads over
+// rows / element chunks, SIMD via target_clones, bf16/fp16/fp32 I/O with fp32 maths
+// (csrc/include/fastft/elementwise.h). Each kernel reads its inputs once and writes its outputs
+// once; eager PyTorch's RMSNorm makes ~6 passes (cast, pow, mean, rsqrt-mul, cast, weight-mul).
+//
+// Pointers arrive as uintptr_t, validated by fastft/ops/{rms_norm,swiglu,rope}.py (device,
+// dtype, contiguity, shapes). No torch C++ API.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastft/elementwise.h"
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace fastft {
+namespace {
+
+// One thread per 64K elements of work (~0.1 ms of streaming on one core): a parallel region
+// costs up to several ms when the other core is busy (see adamw.cpp), so small calls stay serial.
+inline int threads_for(int64_t elems) {
+  int64_t want = elems / (1 << 16);
+  int mx = omp_get_max_threads();
+  return static_cast<int>(want < 1 ? 1 : (want > mx ? mx : want));
+}
+
+inline void thread_range(int64_t n, int tid, int nth, int64_t& lo, int64_t& hi) {
+  lo = n * tid / nth;
+  hi = n * (tid + 1) / nth;
+}
+
+void check_dtype(int dt, const char* op) {
+  if (dt < kFloat32 || dt > kFloat16)
+    throw std::invalid_argument(std::string(op) + ": dtype code " + std::to_string(dt) + ", expected 0, 1 or 2");
+}
+
+// ------------------------------------------------------------------------------------------------
+// RMSNorm
+// ------------------------------------------------------------------------------------------------
+template <int DT>
+inline __attribute__((always_inline)) void rms_fwd_rows(const void* xp, const void* wp, void* yp, float* rstd,
+                                                        int64_t lo, int64_t hi, int64_t n, float eps) {
+  using E = Elem<DT>;
+  const auto* w = static_cast<const typename E::T*>(wp);
+  for (int64_t r = lo; r < hi; ++r) {
+    const auto* x = static_cast<const typename E::T*>(xp) + r * n;
+    auto* y = static_cast<typename E::T*>(yp) + r * n;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) {
+      float v = E::load(x, i);
+      acc += v * v;
+    }
+    const float rs = rms_rstd(acc, n, eps);
+    rstd[r] = rs;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      // round to x's dtype before the weight multiply (HF LlamaRMSNorm: weight * x.to(dtype))
+      float nr = round_to<DT>(E::load(x, i) * rs);
+      E::store(y, i, nr * E::load(w, i));
+    }
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void rms_fwd_chunk(int dt, const void* x, const void* w, void* y, float* rstd, int64_t lo, int64_t hi,
+                   int64_t n, float eps) {
+  switch (dt) {
+    case kFloat32: rms_fwd_rows<kFloat32>(x, w, y, rstd, lo, hi, n, eps); break;
+    case kBFloat16: rms_fwd_rows<kBFloat16>(x, w, y, rstd, lo, hi, n, eps); break;
+    default: rms_fwd_rows<kFloat16>(x, w, y, rstd, lo, hi, n, eps); break;
+  }
+}
+
+// dw_acc: this thread's fp32 (n,) accumulator of sum_rows dy * round_x(x * rstd).
+template <int DT>
+inline __attribute__((always_inline)) void rms_bwd_rows(const void* dyp, const void* xp, const void* wp,
+                                                        const float* rstd, void* dxp, float* dw_acc,
+                                                        int64_t lo, int64_t hi, int64_t n) {
+  using E = Elem<DT>;
+  const auto* w = static_cast<const typename E::T*>(wp);
+  const float inv_n = 1.0f / static_cast<float>(n);
+  for (int64_t r = lo; r < hi; ++r) {
+    const auto* x = static_cast<const typename E::T*>(xp) + r * n;
+    const auto* dy = static_cast<const typename E::T*>(dyp) + r * n;
+    auto* dx = static_cast<typename E::T*>(dxp) + r * n;
+    const float rs = rstd[r];
+    float dot = 0.0f;  // sum (dy*w) * (x*r)
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < n; ++i) {
+      float nh = E::load(x, i) * rs;
+      float g = E::load(dy, i);
+      float nr = round_to<DT>(nh);
+      dw_acc[i] += g * nr;
+      dot += g * E::load(w, i) * nh;
+    }
+    const float c = dot * inv_n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      float nh = E::load(x, i) * rs;
+      E::store(dx, i, rs * (E::load(dy, i) * E::load(w, i) - nh * c));
+    }
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void rms_bwd_chunk(int dt, const void* dy, const void* x, const void* w, const float* rstd, void* dx,
+                   float* dw_acc, int64_t lo, int64_t hi, int64_t n) {
+  switch (dt) {
+    case kFloat32: rms_bwd_rows<kFloat32>(dy, x, w, rstd, dx, dw_acc, lo, hi, n); break;
+    case kBFloat16: rms_bwd_rows<kBFloat16>(dy, x, w, rstd, dx, dw_acc, lo, hi, n); break;
+    default: rms_bwd_rows<kFloat16>(dy, x, w, rstd, dx, dw_acc, lo, hi, n); break;
+  }
+}
+
+// x, y: (rows, n) contiguous, dtype dt; w: (n,) dtype dt; rstd: (rows,) fp32 out.
+void rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t n, double eps,
+                  int dt) {
+  check_dtype(dt, "rms_norm_fwd");
+  if (rows <= 0 || n <= 0) return;
+  py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_for(rows * n))
+  {
+    int64_t lo, hi;
+    thread_range(rows, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    rms_fwd_chunk(dt, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(w),
+                  reinterpret_cast<void*>(y), reinterpret_cast<float*>(rstd), lo, hi, n, static_cast<float>(eps));
+  }
+}
+
+// dy, x, dx: (rows, n) dtype dt; w: (n,) dtype dt; rstd: (rows,) fp32; dw: (n,) fp32 out (the
+// per-thread partial sums added in thread order: deterministic for a given thread count).
+void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx, uintptr_t dw,
+                  int64_t rows, int64_t n, int dt) {
+  check_dtype(dt, "rms_norm_bwd");
+  float* dw_out = reinterpret_cast<float*>(dw);
+  if (n <= 0) return;
+  py::gil_scoped_release nogil;
+  const int nth = rows > 0 ? threads_for(rows * n) : 1;
+  std::vector<float> part(static_cast<size_t>(nth) * n, 0.0f);
+  if (rows > 0) {
+#pragma omp parallel num_threads(nth)
+    {
+      int64_t lo, hi;
+      const int tid = omp_get_thread_num();
+      thread_range(rows, tid, omp_get_num_threads(), lo, hi);
+      rms_bwd_chunk(dt, reinterpret_cast<const void*>(dy), reinterpret_cast<const void*>(x),
+                    reinterpret_cast<const void*>(w), reinterpret_cast<const float*>(rstd),
+                    reinterpret_cast<void*>(dx), part.data() + static_cast<size_t>(tid) * n, lo, hi, n);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float s = 0.0f;
+    for (int t = 0; t < nth; ++t) s += part[static_cast<size_t>(t) * n + i];
+    dw_out[i] = s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// SwiGLU
+// ------------------------------------------------------------------------------------------------
+template <int DT>
+inline __attribute__((always_inline)) void swiglu_fwd_span(const void* gp, const void* up, void* yp, int64_t lo,
+                                                           int64_t hi) {
+  using E = Elem<DT>;
+  const auto* g = static_cast<const typename E::T*>(gp);
+  const auto* u = static_cast<const typename E::T*>(up);
+  auto* y = static_cast<typename E::T*>(yp);
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) E::store(y, i, swiglu_fwd(E::load(g, i), E::load(u, i)));
+}
+
+template <int DT>
+inline __attribute__((always_inline)) void swiglu_bwd_span(const void* gp, const void* up, const void* dyp,
+                                                           void* dgp, void* dup, int64_t lo, int64_t hi) {
+  using E = Elem<DT>;
+  const auto* g = static_cast<const typename E::T*>(gp);
+  const auto* u = static_cast<const typename E::T*>(up);
+  const auto* dy = static_cast<const typename E::T*>(dyp);
+  auto* dg = static_cast<typename E::T*>(dgp);
+  auto* du = static_cast<typename E::T*>(dup);
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    float a, b;
+    swiglu_bwd(E::load(g, i), E::load(u, i), E::load(dy, i), a, b);
+    E::store(dg, i, a);
+    E::store(du, i, b);
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void swiglu_fwd_chunk(int dt, const void* g, const void* u, void* y, int64_t lo, int64_t hi) {
+  switch (dt) {
+    case kFloat32: swiglu_fwd_span<kFloat32>(g, u, y, lo, hi); break;
+    case kBFloat16: swiglu_fwd_span<kBFloat16>(g, u, y, lo, hi); break;
+    default: swiglu_fwd_span<kFloat16>(g, u, y, lo, hi); break;
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void swiglu_bwd_chunk(int dt, const void* g, const void* u, const void* dy, void* dg, void* du, int64_t lo,
+                      int64_t hi) {
+  switch (dt) {
+    case kFloat32: swiglu_bwd_span<kFloat32>(g, u, dy, dg, du, lo, hi); break;
+    case kBFloat16: swiglu_bwd_span<kBFloat16>(g, u, dy, dg, du, lo, hi); break;
+    default: swiglu_bwd_span<kFloat16>(g, u, dy, dg, du, lo, hi); break;
+  }
+}
+
+// 16K-element blocks, split contiguously over threads (static: each thread streams one range).
+void swiglu_fwd_all(uintptr_t g, uintptr_t u, uintptr_t y, int64_t numel, int dt) {
+  check_dtype(dt, "swiglu_fwd");
+  if (numel <= 0) return;
+  py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_for(numel))
+  {
+    int64_t lo, hi;
+    thread_range(numel, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    swiglu_fwd_chunk(dt, reinterpret_cast<const void*>(g), reinterpret_cast<const void*>(u),
+                     reinterpret_cast<void*>(y), lo, hi);
+  }
+}
+
+void swiglu_bwd_all(uintptr_t g, uintptr_t u, uintptr_t dy, uintptr_t dg, uintptr_t du, int64_t numel, int dt) {
+  check_dtype(dt, "swiglu_bwd");
+  if (numel <= 0) return;
+  py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_for(numel))
+  {
+    int64_t lo, hi;
+    thread_range(numel, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    swiglu_bwd_chunk(dt, reinterpret_cast<const void*>(g), reinterpret_cast<const void*>(u),
+                     reinterpret_cast<const void*>(dy), reinterpret_cast<void*>(dg), reinterpret_cast<void*>(du),
+                     lo, hi);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rotary embedding
+// ------------------------------------------------------------------------------------------------
+// x, y: (B, H, T, D) with element strides xs/ys for B, H, T (D contiguous); cos/sin: (B, T, D) with
+// strides cs for B, T (D contiguous, batch stride may be 0). Rows (b, t) are the parallel unit;
+// each row rotates its H heads with the same cos/sin (kept in L1).
+struct RopeArgs {
+  const void* x;
+  void* y;
+  const void* c;
+  const void* s;
+  int64_t B, H, T, D;
+  int64_t xs[3], ys[3], cs[2];
+  bool backward;
+};
+
+template <int DT, bool BWD>
+inline __attribute__((always_inline)) void rope_rows(const RopeArgs& a, int64_t lo, int64_t hi) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  const int64_t half = a.D / 2;
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t b = row / a.T, t = row % a.T;
+    const T* c = static_cast<const T*>(a.c) + b * a.cs[0] + t * a.cs[1];
+    const T* s = static_cast<const T*>(a.s) + b * a.cs[0] + t * a.cs[1];
+    for (int64_t h = 0; h < a.H; ++h) {
+      const T* x = static_cast<const T*>(a.x) + b * a.xs[0] + h * a.xs[1] + t * a.xs[2];
+      T* y = static_cast<T*>(a.y) + b * a.ys[0] + h * a.ys[1] + t * a.ys[2];
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        float lo_v, hi_v;
+        if (BWD)
+          rope_pair_bwd(E::load(x, j), E::load(x, j + half), E::load(c, j), E::load(s, j), E::load(c, j + half),
+                        E::load(s, j + half), lo_v, hi_v);
+        else
+          rope_pair_fwd(E::load(x, j), E::load(x, j + half), E::load(c, j), E::load(s, j), E::load(c, j + half),
+                        E::load(s, j + half), lo_v, hi_v);
+        E::store(y, j, lo_v);
+        E::store(y, j + half, hi_v);
+      }
+    }
+  }
+}
+
+template <int DT>
+inline __attribute__((always_inline)) void rope_dt(const RopeArgs& a, int64_t lo, int64_t hi) {
+  if (a.backward) rope_rows<DT, true>(a, lo, hi);
+  else rope_rows<DT, false>(a, lo, hi);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void rope_chunk(int dt, const RopeArgs& a, int64_t lo, int64_t hi) {
+  switch (dt) {
+    case kFloat32: rope_dt<kFloat32>(a, lo, hi); break;
+    case kBFloat16: rope_dt<kBFloat16>(a, lo, hi); break;
+    default: rope_dt<kFloat16>(a, lo, hi); break;
+  }
+}
+
+void rope_apply(uintptr_t x, uintptr_t y, uintptr_t c, uintptr_t s, const std::vector<int64_t>& shape,
+                const std::vector<int64_t>& xs, const std::vector<int64_t>& ys, const std::vector<int64_t>& cs,
+                bool backward, int dt) {
+  check_dtype(dt, "rope");
+  if (shape.size() != 4 || xs.size() != 3 || ys.size() != 3 || cs.size() != 2)
+    throw std::invalid_argument("rope: expected shape (B, H, T, D), 3 x/y strides and 2 cos/sin strides");
+  if (shape[3] % 2 != 0) throw std::invalid_argument("rope: head dim must be even, got " + std::to_string(shape[3]));
+  RopeArgs a{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), reinterpret_cast<const void*>(c),
+             reinterpret_cast<const void*>(s), shape[0], shape[1], shape[2], shape[3],
+             {xs[0], xs[1], xs[2]}, {ys[0], ys[1], ys[2]}, {cs[0], cs[1]}, backward};
+  const int64_t rows = a.B * a.T;
+  if (rows <= 0 || a.H <= 0 || a.D <= 0) return;
+  py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_for(rows * a.H * a.D))
+  {
+    int64_t lo, hi;
+    thread_range(rows, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    rope_chunk(dt, a, lo, hi);
+  }
+}
+
+}  // namespace
+
+void register_elementwise(py::module_& m) {
+  m.def("rms_norm_fwd", &rms_norm_fwd, py::arg("x"), py::arg("weight"), py::arg("y"), py::arg("rstd"),
+        py::arg("rows"), py::arg("n"), py::arg("eps"), py::arg("dtype"),
+        "RMSNorm forward over (rows, n); writes y and the per-row fp32 1/rms.");
+  m.def("rms_norm_bwd", &rms_norm_bwd, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
+        py::arg("dx"), py::arg("dweight"), py::arg("rows"), py::arg("n"), py::arg("dtype"),
+        "RMSNorm backward; dweight is an fp32 (n,) output.");
+  m.def("swiglu_fwd", &swiglu_fwd_all, py::arg("gate"), py::arg("up"), py::arg("y"), py::arg("numel"),
+        py::arg("dtype"), "y = silu(gate) * up over numel contiguous elements.");
+  m.def("swiglu_bwd", &swiglu_bwd_all, py::arg("gate"), py::arg("up"), py::arg("dy"), py::arg("dgate"),
+        py::arg("dup"), py::arg("numel"), py::arg("dtype"), "SwiGLU backward, silu recomputed from gate.");
+  m.def("rope", &rope_apply, py::arg("x"), py::arg("y"), py::arg("cos"), py::arg("sin"), py::arg("shape"),
+        py::arg("x_strides"), py::arg("y_strides"), py::arg("cs_strides"), py::arg("backward"), py::arg("dtype"),
+        "Rotary embedding (or its transpose when backward) of a strided (B, H, T, D) tensor.");
+}
+
+}  // namespace fastft

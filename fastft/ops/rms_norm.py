@@ -1,0 +1,139 @@
+"""Fused RMSNorm (Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019), the way
+Hugging Face's ``LlamaRMSNorm`` computes it::
+
+    r = 1 / sqrt(mean(x^2, -1) + eps)        (fp32)
+    y = weight * (x * r).to(x.dtype)          (the normalised row is rounded to x's dtype first)
+
+Backward (fp32 maths, ``n = x * r``)::
+
+    dx = r * (dy*w - n * mean(dy*w * n, -1));   dweight = sum over rows of dy * n.to(x.dtype)
+
+Eager PyTorch makes ~6 passes over the activations (cast, pow, mean, rsqrt-mul, cast,
+weight-mul) and saves several of them for backward; the kernels read x once, write y once and
+save only x and the per-row fp32 ``r``.
+
+Backends (one choice, :func:`rms_norm`): ``cpu`` (csrc/cpu/elementwise.cpp), ``triton``
+(kernels/rms_norm.py), ``cuda`` (csrc/cuda/elementwise.cu), ``torch``
+(:func:`rms_norm_reference`). The kernels need ``weight.dtype == x.dtype`` in fp32/bf16/fp16;
+other combinations (e.g. bf16 x with an fp32 weight, which HF promotes to an fp32 output) run
+the reference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastft import _backend
+
+__all__ = ["rms_norm", "rms_norm_reference"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm in fp32 maths: the fallback and the test oracle.
+
+    Args:
+        x: (..., n) fp32/bf16/fp16.
+        weight: (n,) any float dtype.
+        eps: added to the mean square.
+    Returns:
+        (..., n) in ``promote_types(x.dtype, weight.dtype)`` (HF's result dtype).
+
+    The forward rounds ``x * r`` to x's dtype as HF does; the gradient passes straight through
+    that rounding in fp32 (no bf16 rounding of intermediate gradients).
+    """
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if x.dtype != torch.float32:
+        n = n + (n.to(x.dtype).float() - n).detach()  # forward: HF's rounding; backward: identity
+    return (weight.float() * n).to(torch.promote_types(x.dtype, weight.dtype))
+
+
+def _check(x: Tensor, weight: Tensor) -> None:
+    if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1] if x.dim() else '?'},)"
+                         f" matching the last dim of x {tuple(x.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: weight on {weight.device}, x on {x.device}: expected one device")
+
+
+def _kernel_ok(x: Tensor, weight: Tensor) -> bool:
+    return x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
+        shape = x.shape
+        n = shape[-1]
+        x2 = x.reshape(-1, n).contiguous()
+        w = weight.contiguous()
+        rows = x2.shape[0]
+        y = torch.empty_like(x2)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        if rows:
+            if backend == "cpu":
+                _backend.cpu_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                                rows, n, float(eps), _backend.DTYPE_CODES[x.dtype])
+            elif backend == "triton":
+                from fastft.kernels.rms_norm import rms_norm_fwd_triton
+                rms_norm_fwd_triton(x2, w, y, rstd, float(eps))
+            else:
+                _backend.cuda_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                                 rows, n, float(eps), _backend.DTYPE_CODES[x.dtype],
+                                                 torch.cuda.current_stream(x.device).cuda_stream)
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.backend = backend
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, w, rstd = ctx.saved_tensors
+        rows, n = x2.shape
+        dy2 = dy.reshape(-1, n).contiguous()
+        dx = torch.empty_like(x2)
+        dw = torch.empty(n, dtype=torch.float32, device=x2.device)
+        code = _backend.DTYPE_CODES[x2.dtype]
+        if ctx.backend == "cpu":
+            _backend.cpu_ext().rms_norm_bwd(dy2.data_ptr(), x2.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                            dx.data_ptr(), dw.data_ptr(), rows, n, code)
+        elif rows == 0:
+            dw.zero_()
+        elif ctx.backend == "triton":
+            from fastft.kernels.rms_norm import rms_norm_bwd_triton
+            rms_norm_bwd_triton(dy2, x2, w, rstd, dx, dw)
+        else:
+            _cuda_bwd(dy2, x2, w, rstd, dx, dw)
+        dweight = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.shape), dweight, None, None
+
+
+def _cuda_bwd(dy2, x2, w, rstd, dx, dw) -> None:
+    ext = _backend.cuda_ext()
+    rows, n = x2.shape
+    nblocks = ext.rms_norm_bwd_blocks(rows)
+    partial = torch.empty(nblocks, n, dtype=torch.float32, device=x2.device)
+    ext.rms_norm_bwd(dy2.data_ptr(), x2.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                     partial.data_ptr(), rows, n, _backend.DTYPE_CODES[x2.dtype],
+                     torch.cuda.current_stream(x2.device).cuda_stream)
+    torch.sum(partial, 0, out=dw)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, forced: str | None = None) -> Tensor:
+    """Fused RMSNorm over the last dim (see the module docstring for the maths).
+
+    Args:
+        x: (..., n) fp32/bf16/fp16, any layout (made contiguous).
+        weight: (n,) on x's device; the kernels need ``weight.dtype == x.dtype``.
+        eps: added to the mean square (HF's ``variance_epsilon``).
+        forced: backend name overriding ``FASTFT_BACKEND``.
+    Returns:
+        (..., n) in ``promote_types(x.dtype, weight.dtype)``; differentiable in x and weight.
+    """
+    _check(x, weight)
+    backend = _backend.choose_backend("rms_norm", x.device, forced)
+    if backend == "torch" or not _kernel_ok(x, weight):
+        return rms_norm_reference(x, weight, eps)
+    return _RMSNormFn.apply(x, weight, eps, backend)
