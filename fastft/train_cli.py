@@ -79,9 +79,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Config):
+def build(cfg: Config, bundle=None):
     """Load model + tokenizer + data and set up the fine-tuning mode. Returns
-    (model, tokenizer, bundle, device)."""
+    (model, tokenizer, bundle, device). A given ``bundle`` (a ``DataBundle`` of already tokenised
+    rows, e.g. ``fastft bench``'s fixed-length batches) replaces the data described by ``cfg.data``."""
     import torch
 
     from fastft import distributed as dist
@@ -121,7 +122,8 @@ def build(cfg: Config):
         model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
                                                  attn_implementation=cfg.model.attn_implementation,
                                                  dropout=cfg.model.dropout)
-        bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
+        if bundle is None:
+            bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         lm = unwrap(model)  # transformers 5 renamed it; keep working on 4.x
         if hasattr(lm, "activation_checkpointing_enable"):

@@ -91,8 +91,7 @@ class Trainer:
         """Micro-batch number ``pos`` of the endless stream: epoch e uses permutation e."""
         epoch, i = divmod(pos, self.micro_per_epoch)
         if self._perm[0] != epoch:  # the order depends only on (seed, epoch): resumable
-            g = torch.Generator().manual_seed(self.t.seed * 1_000_003 + epoch)
-            self._perm = (epoch, dist.shard(torch.randperm(len(self.data.train), generator=g).tolist()))
+            self._perm = (epoch, dist.shard(epoch_order(len(self.data.train), self.t.seed, epoch)))
         idx = self._perm[1][i * self.t.batch_size:(i + 1) * self.t.batch_size]
         batch = self.collate([self.data.train[j] for j in idx])
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -348,6 +347,14 @@ class Trainer:
             from fastft.merge import save_merged
 
             save_merged(self.model, self.tokenizer, self.run_dir / "merged")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Order of the ``n`` training examples in ``epoch`` (before sharding across ranks). Depends
+    only on (seed, epoch), so a resumed run and ``fastft bench``'s Hugging Face side see the same
+    batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
 
 def _n_targets(batch: dict) -> int:

@@ -1,0 +1,182 @@
+"""The two sides of ``fastft bench``, each run in its own process.
+
+``python -m fastft.bench_runners SPEC.json OUT.json`` reads a spec written by ``fastft.bench``
+(side, model folder, mode, batch, steps, lr, seed, the path of the shared tokenised rows) and
+writes per-step wall times, losses, token counts and the process's own peak RSS.
+
+* ``hf``: stock Hugging Face ``Trainer`` (+ PEFT for LoRA, bitsandbytes for int8 when it is
+  installed) with its best stock CPU settings: bf16 autocast (``bf16=True``) when the CPU has
+  bf16 units, ``optim="adamw_torch_fused"``, SDPA attention, sequential sampling of rows that the
+  parent already put in fastft's epoch order, no packing.
+* ``fastft``: ``fastft.train_cli.build`` + ``fastft.trainer.Trainer`` with a ``Config``, i.e. the
+  code path of ``fastft train``, fed the same rows.
+
+Step time on both sides is the wall time between consecutive optimizer-step ends (data,
+forward, backward, optimizer and the trainer's own per-step logging all included).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LORA_TARGETS = ["q_proj", "v_proj"]
+LORA_R, LORA_ALPHA = 16, 32.0
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StepClock:
+    """Records the wall time of every optimizer-step end, the loss and the RSS high-water mark."""
+
+    def __init__(self):
+        self.t_prev = time.perf_counter()
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.tokens: list[int] = []
+        self.rss_after_steps = 0.0
+
+    def tick(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self.t_prev)
+        self.t_prev = now
+        self.tokens.append(int(tokens))
+        self.rss_after_steps = peak_rss_mb()
+
+
+def bf16_supported() -> bool:
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def load_rows(path: str, in_step_order: bool) -> list[dict]:
+    """The shared rows (``input_ids``/``labels`` lists of one length). ``in_step_order``: permuted
+    into the order fastft's Trainer draws them (``fastft.trainer.epoch_order``), for a sequential
+    reader; otherwise as stored, for fastft's Trainer to permute itself."""
+    d = torch.load(path)
+    order = d["order"] if in_step_order else range(d["input_ids"].shape[0])
+    return [{"input_ids": d["input_ids"][i].tolist(), "labels": d["labels"][i].tolist()} for i in order]
+
+
+# ------------------------------------------------------------------------------------ HF side
+def run_hf(spec: dict) -> dict:
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(spec["seed"])
+    mode, bf16 = spec["mode"], bf16_supported()
+    notes = []
+    kwargs: dict = {"attn_implementation": "sdpa"}
+    if mode == "int8" and spec.get("hf_int8") == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        notes.append("int8 base via bitsandbytes LLM.int8 (Linear8bitLt)")
+        base_dtype = torch.bfloat16 if bf16 else torch.float32
+    elif mode == "full":
+        base_dtype = torch.float32  # fp32 masters, bf16 autocast compute: HF's mixed-precision recipe
+    else:
+        # LoRA (and int8 without bitsandbytes): the frozen base loaded in bf16, PEFT's fp32 adapters
+        # under bf16 autocast - the usual PEFT recipe, and faster here than an fp32 base
+        base_dtype = torch.bfloat16 if bf16 else torch.float32
+        if mode == "int8":
+            notes.append("bitsandbytes not installed: HF side runs its bf16 LoRA path instead of int8")
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=base_dtype, **kwargs)
+    if mode in ("lora", "int8"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    rows = load_rows(spec["data"], in_step_order=True)
+    train = [{"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.ones(len(r["input_ids"]), dtype=torch.long),
+              "labels": torch.tensor(r["labels"])} for r in rows]
+    clock = StepClock()
+    tokens_per_step = spec["batch"] * len(rows[0]["input_ids"])  # fixed-length rows: no padding
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            clock.t_prev = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.tick(tokens_per_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    args = TrainingArguments(
+        output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+        max_steps=spec["total_steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        bf16=bf16, optim="adamw_torch_fused", logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to=[], seed=spec["seed"], data_seed=spec["seed"], disable_tqdm=True, use_cpu=True,
+        dataloader_num_workers=0, train_sampling_strategy="sequential", remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[Clock()])
+    trainer.train()
+    return {"side": "hf", "step_times": clock.times, "losses": clock.losses, "tokens": clock.tokens,
+            "peak_rss_mb": clock.rss_after_steps, "notes": notes,
+            "settings": {"base_dtype": str(base_dtype).replace("torch.", ""), "bf16_autocast": bf16,
+                         "optim": "adamw_torch_fused", "attn": "sdpa"}}
+
+
+# -------------------------------------------------------------------------------- fastft side
+def run_fastft(spec: dict) -> dict:
+    from fastft.config import load_config
+    from fastft.data import DataBundle
+    from fastft.train_cli import build
+    from fastft.trainer import Trainer
+
+    mode = spec["mode"]
+    ov = {"model.path": spec["model"], "finetune.mode": "full" if mode == "full" else "lora",
+          "lora.r": LORA_R, "lora.alpha": LORA_ALPHA, "lora.dropout": 0.0,
+          "lora.target_modules": ",".join(LORA_TARGETS), "lora.int8_base": mode == "int8",
+          "data.max_length": spec["seq"], "data.val_ratio": 0.0, "train.batch_size": spec["batch"],
+          "train.grad_accum": 1, "train.max_steps": spec["total_steps"], "train.lr": spec["lr"],
+          "train.scheduler": "constant", "train.warmup_steps": 0, "train.weight_decay": 0.0,
+          "train.max_grad_norm": 1.0, "train.seed": spec["seed"], "train.progress": False,
+          "train.log_every": 1, "output.tensorboard": False, "output.dir": spec["run_dir"]}
+    for item in spec.get("fastft_overrides", []):  # e.g. train.lr=0.02 (the bench test uses this)
+        k, _, v = item.partition("=")
+        ov[k] = v
+    cfg = load_config(None, [tok for k, v in ov.items() for tok in (f"--{k}", str(v))])
+    rows = load_rows(spec["data"], in_step_order=False)
+    model, tok, bundle, device = build(cfg, bundle=DataBundle(train=rows))
+    clock = StepClock()
+
+    class ClockedTrainer(Trainer):
+        def train_step(self):
+            rec = super().train_step()
+            clock.tick(rec["tokens"])
+            clock.losses.append(float(rec["loss"]))
+            return rec
+
+    Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
+    trainer = ClockedTrainer(cfg, Path(spec["run_dir"]), model, tok, bundle, device, log=lambda s: None)
+    clock.t_prev = time.perf_counter()
+    trainer.train()
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    return {"side": "fastft", "step_times": clock.times, "losses": clock.losses, "tokens": clock.tokens,
+            "peak_rss_mb": clock.rss_after_steps, "notes": [],
+            "settings": {"param_dtypes": dtypes, "fused_ce": cfg.model.fused_ce,
+                         "lora_impl": ("-" if mode == "full" else "peft" if hasattr(model, "peft_config") else "fastft"),
+                         "overrides": spec.get("fastft_overrides", [])}}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    out = run_hf(spec) if spec["side"] == "hf" else run_fastft(spec)
+    out["peak_rss_mb_end"] = peak_rss_mb()
+    out["threads"] = torch.get_num_threads()
+    Path(argv[1]).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
