@@ -162,10 +162,8 @@ def setup_lora(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.M
 
     Returns the model to train (the same object: adapters are injected in place).
     """
-    try:
-        from fastft.lora import inject_lora, quantize_model_int8
-    except ImportError:  # fastft.lora not built into this tree: PEFT gives the same adapters
-        return _setup_peft(model, lora_cfg, gradient_checkpointing)
+    from fastft.lora import inject_lora, quantize_model_int8
+
     if lora_cfg.int8_base:
         quantize_model_int8(model, skip=["lm_head"])
     out = inject_lora(model, target_modules=list(lora_cfg.target_modules), r=lora_cfg.r,
@@ -178,34 +176,8 @@ def setup_lora(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.M
 
 
 
-def _setup_peft(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    from fastft.errors import ConfigError
-
-    if lora_cfg.int8_base:
-        raise ConfigError("lora.int8_base=true needs fastft.lora (not available in this install)")
-    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=list(lora_cfg.target_modules), use_rslora=lora_cfg.use_rslora,
-                      task_type="SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM")
-    # adapters in the model dtype (bf16) with fp32 masters in the optimizer, like every other
-    # trainable weight here: PEFT's default fp32 adapters cast x to fp32 in every adapted layer
-    try:
-        model = get_peft_model(model, pcfg, autocast_adapter_dtype=False)
-    except ValueError as e:  # no module matched: name a few real ones
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"lora.target_modules={list(lora_cfg.target_modules)}: no module matched "
-                          f"({type(e).__name__}); linear layers here: {', '.join(linear[:8])}") from None
-    if gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model
-
-
 def save_adapter(model: nn.Module, out_dir: str) -> None:
     """Write the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(out_dir)
-        return
     from fastft.lora import save_adapter as _save
 
     _save(model, out_dir)
@@ -213,12 +185,6 @@ def save_adapter(model: nn.Module, out_dir: str) -> None:
 
 def load_adapter(model: nn.Module, in_dir: str) -> None:
     """Load adapter weights saved by ``save_adapter`` into an already-injected model."""
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(f"{in_dir}/adapter_model.safetensors"))
-        return
     from fastft.lora import load_adapter as _load
 
     _load(model, in_dir)

@@ -13,12 +13,9 @@ def save_merged(model, tokenizer, out: Path) -> None:
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=out.parent))
     try:
-        if hasattr(model, "merge_and_unload"):  # PEFT model
-            merged = model.merge_and_unload()
-        else:
-            from fastft.lora import merge_lora
+        from fastft.lora import merge_lora
 
-            merged = merge_lora(model) or model
+        merged = merge_lora(model) or model
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if out.exists():

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fastft import _backend
 
-__all__ = ["Int8Weight", "quantize_int8", "lora_linear", "lora_linear_reference", "dropout_mask"]
+__all__ = ["Int8Weight", "quantize_int8", "int8_linear", "lora_linear", "lora_linear_reference", "dropout_mask"]
 
 # Output rows (forward) / input columns (backward) per dequantised tile. 512 rows x 2048 bf16 =
 # 2 MiB. Measured (N=4096, in=out=2048, bf16, 2 threads): tile 512 = 1.00x the plain bf16 GEMM,
@@ -262,17 +262,22 @@ def _mm(backend, a, b, b_strides, n, scale, scale_on_k, u, v, v_strides, bias) -
 
 
 def _device_forward(x, xd, base, Ar, Br, bias, scaling, backend):
-    """y = x Wᵀ + bias + [x_outl, s·u] [W_outl, B]ᵀ in one kernel; returns (y, u = xd Aᵀ)."""
-    u = xd @ Ar.T  # (N, r)
-    U, V = u * scaling, Br  # (N, r), (out, r)
+    """y = x Wᵀ + bias + [x_outl, s·u] [W_outl, B]ᵀ in one kernel; returns (y, u = xd Aᵀ).
+    Ar = Br = None: the base layer alone (outlier columns still go through the epilogue)."""
     is_q = isinstance(base, Int8Weight)
+    u = U = V = None
+    if Ar is not None:
+        u = xd @ Ar.T  # (N, r)
+        U, V = u * scaling, Br  # (N, r), (out, r)
     if is_q and base.num_outliers:  # 16-bit outlier columns join the epilogue's low-rank product
-        U = torch.cat([x[:, base.outlier_idx], U], 1)
-        V = torch.cat([base.outlier_w.to(x.dtype), Br], 1)
-    V = V.contiguous()
+        xo, wo = x[:, base.outlier_idx], base.outlier_w.to(x.dtype)
+        U = xo if U is None else torch.cat([xo, U], 1)
+        V = wo if V is None else torch.cat([wo, V], 1)
+    if V is not None:
+        U, V = U.contiguous(), V.contiguous()
     b = base.qweight if is_q else base
     y = _mm(backend, x, b, (1, b.stride(0)), b.shape[0], base.scale if is_q else None, False,
-            U.contiguous(), V, (1, V.stride(0)), bias)
+            U, V, (1, V.stride(0)) if V is not None else (0, 0), bias)
     return y, u
 
 
@@ -280,9 +285,10 @@ def _device_backward_dx(dy, base, v, Ar, scaling, backend):
     """dX = dY deq(W) (+ s · v A in the epilogue when v is given); outlier columns added after."""
     is_q = isinstance(base, Int8Weight)
     b = base.qweight if is_q else base
-    A = Ar.contiguous()
+    A = Ar.contiguous() if Ar is not None else None
     dx = _mm(backend, dy, b, (b.stride(0), 1), b.shape[1], base.scale if is_q else None, True,
-             None if v is None else (v * scaling).contiguous(), A, (A.stride(0), 1), None)
+             None if v is None else (v * scaling).contiguous(), A, (A.stride(0), 1) if A is not None else (0, 0),
+             None)
     if is_q and base.num_outliers:  # (N, k) product on the k outlier columns only
         dx.index_add_(1, base.outlier_idx, dy @ base.outlier_w.to(dy.dtype))
     return dx
@@ -351,6 +357,47 @@ class _LoRALinearFn(torch.autograd.Function):
         if need_bias:
             dbias = dy.sum(0)
         return dx, None, dA, dB, dbias, None, None, None, None
+
+
+class _Int8LinearFn(torch.autograd.Function):
+    """The frozen int8 base alone: y = x deq(W)ᵀ + bias; saves nothing but the weight handle."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, bias, base, backend):
+        if backend in ("triton", "cuda"):
+            y, _ = _device_forward(x, x, base, None, None, bias, 0.0, backend)
+        else:
+            y = _base_forward(x, base, bias, backend)
+        ctx.base, ctx.backend = base, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = dy.contiguous()
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            if ctx.backend in ("triton", "cuda"):
+                dx = _device_backward_dx(dy, ctx.base, None, None, 0.0, ctx.backend)
+            else:
+                dx = _base_backward(dy, ctx.base, ctx.backend)
+        if ctx.needs_input_grad[2]:
+            dbias = dy.sum(0)
+        return dx, None, dbias, None, None
+
+
+def int8_linear(x: Tensor, base: Int8Weight, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """``y = x deq(W)ᵀ + bias`` for a frozen :class:`Int8Weight` (x: (..., in) -> (..., out)),
+    tile by tile like :func:`lora_linear`; x and bias get gradients, W never."""
+    out_f, in_f = base.shape
+    if not x.is_floating_point() or x.shape[-1] != in_f:
+        raise ValueError(f"int8_linear: x must be float (..., {in_f}), got {tuple(x.shape)} {x.dtype}")
+    x2 = x.reshape(-1, in_f).contiguous()
+    be = _backend.choose_backend("int8_linear", x.device, backend)
+    if be in ("triton", "cuda") and not _device_ok(base, x2):
+        be = "torch"
+    bias_c = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+    y = _Int8LinearFn.apply(x2, base.qweight, bias_c, base, be)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
 # ----------------------------------------------------------------------------------------------
