@@ -1,0 +1,144 @@
+"""Run Hugging Face Llama-family blocks on fastft's fused RMSNorm, SwiGLU and rotary kernels.
+
+``patch_blocks(model)`` rewires, per module instance (other models in the process are not
+touched):
+
+* every ``<Arch>RMSNorm``  -> :func:`fastft.ops.rms_norm.rms_norm` (same maths, HF's rounding);
+* every ``<Arch>MLP`` with a SiLU activation -> ``down(swiglu(gate(x), up(x)))``;
+* every ``<Arch>Attention`` -> :func:`fastft.ops.rope.rope` in place of the modeling module's
+  ``apply_rotary_pos_emb``. The attention code calls that module-level function by name, so
+  the module global is replaced by a dispatcher that runs the fused op only inside a patched
+  attention module's forward (a context variable set by the patched forward, so activation
+  checkpointing's recompute takes the same path) and the original everywhere else.
+
+Supported ``config.model_type``: llama, mistral, qwen2, qwen3 (checked against transformers
+5.23's module and class names). Anything else is left unpatched (:func:`supported` says so).
+The projections are looked up at call time, so LoRA/PEFT wrappers applied afterwards still work.
+``unpatch_blocks(model)`` restores the original forwards.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib
+import types
+
+import torch
+from torch import nn
+
+from fastft.ops.rms_norm import rms_norm
+from fastft.ops.rope import rope
+from fastft.ops.swiglu import swiglu
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "patch_blocks", "supported", "unpatch_blocks"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ROPE_ON = contextvars.ContextVar("fastft_fused_rope", default=False)
+_ORIGINAL_ROPE: dict[str, object] = {}   # modeling module name -> its apply_rotary_pos_emb
+_PATCHED_ATTN: dict[str, int] = {}       # modeling module name -> patched attention modules
+
+
+def _model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def supported(model: nn.Module) -> bool:
+    """True when ``model`` (a HF PreTrainedModel, possibly PEFT-wrapped) is a supported arch."""
+    return _model_type(model) in SUPPORTED_MODEL_TYPES
+
+
+def _modeling(model_type: str):
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Replacement forwards (bound per instance with types.MethodType, so deepcopy keeps them right)
+# ------------------------------------------------------------------------------------------------
+def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _attn_forward(self, *args, **kwargs):
+    token = _ROPE_ON.set(True)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _ROPE_ON.reset(token)
+
+
+def _rope_dispatcher(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if _ROPE_ON.get():
+            return rope(q, k, cos, sin, unsqueeze_dim)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.__fastft_original__ = original
+    return apply_rotary_pos_emb
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+# ------------------------------------------------------------------------------------------------
+def patch_blocks(model: nn.Module) -> dict[str, int]:
+    """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops.
+
+    Returns the number of modules patched per kind (``{"rms_norm": n, "mlp": n, "rope": n}``);
+    all zeros for an unsupported architecture. Idempotent.
+    """
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0}
+    mt = _model_type(model)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        return counts
+    mod = _modeling(mt)
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[mt]
+    norm_cls = getattr(mod, f"{prefix}RMSNorm")
+    mlp_cls = getattr(mod, f"{prefix}MLP")
+    attn_cls = getattr(mod, f"{prefix}Attention")
+    for m in model.modules():
+        if getattr(m, "_fastft_fused", False):
+            continue
+        if type(m) is norm_cls:
+            m.forward = types.MethodType(_rms_forward, m)
+            kind = "rms_norm"
+        elif type(m) is mlp_cls and _is_silu(m.act_fn):
+            m.forward = types.MethodType(_mlp_forward, m)
+            kind = "mlp"
+        elif type(m) is attn_cls:
+            if mod.__name__ not in _ORIGINAL_ROPE:
+                _ORIGINAL_ROPE[mod.__name__] = mod.apply_rotary_pos_emb
+                mod.apply_rotary_pos_emb = _rope_dispatcher(mod.apply_rotary_pos_emb)
+            _PATCHED_ATTN[mod.__name__] = _PATCHED_ATTN.get(mod.__name__, 0) + 1
+            m.forward = types.MethodType(_attn_forward, m)
+            m._fastft_modeling = mod.__name__
+            kind = "rope"
+        else:
+            continue
+        m._fastft_fused = True
+        counts[kind] += 1
+    return counts
+
+
+def unpatch_blocks(model: nn.Module) -> int:
+    """Undo :func:`patch_blocks` on ``model``; returns the number of modules restored. The module
+    global ``apply_rotary_pos_emb`` is restored once no patched attention module is left."""
+    n = 0
+    for m in model.modules():
+        if not getattr(m, "_fastft_fused", False):
+            continue
+        if "forward" in m.__dict__:
+            del m.forward
+        name = m.__dict__.pop("_fastft_modeling", None)
+        if name is not None:
+            _PATCHED_ATTN[name] -= 1
+            if _PATCHED_ATTN[name] == 0:
+                importlib.import_module(name).apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(name)
+                del _PATCHED_ATTN[name]
+        del m._fastft_fused
+        n += 1
+    return n
