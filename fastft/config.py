@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float | None = opt(None, "override the model's attention/hidden dropout (None keeps the config)",
                                 min=0.0, max=0.99)
     fused_ce: bool = opt(True, "fused linear cross-entropy (never materialises the logits)")
+    fused_blocks: bool = opt(True, "fused RMSNorm/SwiGLU/RoPE kernels in Llama-family blocks")
 
 
 @dataclass

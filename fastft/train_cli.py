@@ -124,6 +124,8 @@ def build(cfg: Config, bundle=None):
                                                  dropout=cfg.model.dropout)
         if bundle is None:
             bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
+    if cfg.model.fused_blocks:
+        _patch_blocks(model)
     if cfg.model.gradient_checkpointing:
         lm = unwrap(model)  # transformers 5 renamed it; keep working on 4.x
         if hasattr(lm, "activation_checkpointing_enable"):
@@ -141,6 +143,19 @@ def build(cfg: Config, bundle=None):
         raise ConfigError(f"finetune: mode={cfg.finetune.mode!r} with these regex/freeze settings leaves "
                           "no parameter to train")
     return model.to(device), tok, bundle, device
+
+
+def _patch_blocks(model) -> None:
+    """Fused RMSNorm/SwiGLU/RoPE in supported Llama-family blocks (fastft/hf_fast.py); other
+    architectures run HF's code, said once."""
+    from fastft import hf_fast
+
+    if hf_fast.supported(model):
+        hf_fast.patch_blocks(model)
+    else:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        click.echo(f"model.fused_blocks: architecture {mt!r} not supported "
+                   f"({', '.join(hf_fast.SUPPORTED_MODEL_TYPES)}); running HF's blocks")
 
 
 def run(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
