@@ -64,7 +64,7 @@ class Int8Linear(nn.Module):
         if linear.weight.dim() != 2:
             raise ValueError(f"Int8Linear: weight must be 2-D, got {tuple(linear.weight.shape)}")
         q = quantize_int8(linear.weight.detach(), outlier_threshold)
-        return cls(q, linear.bias, linear.weight.dtype)
+        return cls(q, linear.bias, linear.weight.dtype).train(linear.training)
 
     def weight_int8(self) -> Int8Weight:
         k = self.outlier_idx.numel()
@@ -122,6 +122,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.train(base.training)  # a layer injected into an eval-mode model must not drop out
 
     def _base_weight(self):
         b = self.base_layer
