@@ -99,9 +99,7 @@ def test_new_head_trains_under_lora_on_a_decoder(tmp_path):
     stays bit-identical."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from fastft.finetune import apply_freezing
+    from fastft.finetune import apply_freezing, setup_lora
 
     tok = tiny_tokenizer()
     folder = tmp_path / "tiny"
@@ -115,9 +113,7 @@ def test_new_head_trains_under_lora_on_a_decoder(tmp_path):
     model, _, new = load_classifier(str(folder), ["neg", "pos"])
     assert new == ["score.weight"] and model.config.pad_token_id == tok.pad_token_id
     full = load_config(None, ["--finetune.mode", "lora", "--lora.target_modules", "q_proj,v_proj"])
-    # fastft.lora may not be in this tree yet: inject PEFT LoRA layers in place (no task wrapper,
-    # so nothing in PEFT decides which head trains; our freezing + mark_trainable do).
-    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), model)
+    model = setup_lora(model, full.lora, gradient_checkpointing=False)  # fastft.lora, as `fastft train` does
     apply_freezing(model, full.finetune)
     assert mark_trainable(model, new) == 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -136,6 +132,20 @@ def test_new_head_trains_under_lora_on_a_decoder(tmp_path):
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+    # the adapter + trained head (PEFT modules_to_save) restore in PEFT on a fresh classifier
+    from peft import PeftModel
+
+    from fastft.finetune import save_adapter
+
+    save_adapter(model, str(tmp_path / "adapter"))
+    torch.manual_seed(1)
+    fresh, _, _ = load_classifier(str(folder), ["neg", "pos"])
+    batch = Collator(tok.pad_token_id)(exs)
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        want = model.eval()(**batch).logits
+        got = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # ~20 s on the shared 2-core box
