@@ -78,8 +78,9 @@ def machine_info() -> dict:
 
 
 def prepare(model: str, seq: int, n_rows: int, out: Path, seed: int) -> tuple[str, dict]:
-    """Materialise the model as a local HF folder and write the shared rows. Returns (folder,
-    data stats)."""
+    """Materialise the model as local HF folders (``{"fp32": ..., "bf16": ...}``: for a GGUF source
+    the bf16 one is fastft's 16-bit cache copy, for a folder both are the folder) and write the
+    shared rows. Returns (folders, data stats)."""
     import torch
 
     from fastft.config import DataConfig
@@ -89,6 +90,7 @@ def prepare(model: str, seq: int, n_rows: int, out: Path, seed: int) -> tuple[st
 
     folder = materialize(model)
     tok = load_tokenizer(folder)
+    folders = {"fp32": folder, "bf16": materialize(model, dtype=torch.bfloat16)}
     dcfg = DataConfig(max_length=seq, val_ratio=0.0, cache=False)
     bundle = build_datasets(dcfg, tok, seed=seed)
     ids: list[int] = []
@@ -109,7 +111,7 @@ def prepare(model: str, seq: int, n_rows: int, out: Path, seed: int) -> tuple[st
     torch.save({"input_ids": t_ids.clone(), "labels": t_lab.clone(), "order": epoch_order(n_rows, seed, 0)}, out)
     stats = {"examples": len(bundle.train), "tokens": n_tok, "distinct_rows": rows_avail, "rows": n_rows,
              "target_fraction": float((t_lab[:, 1:] != -100).float().mean())}
-    return folder, stats
+    return folders, stats
 
 
 def run_child(spec: dict, out: Path, log: Path) -> dict:
@@ -206,9 +208,13 @@ def append_history(path: Path, res: dict) -> None:
               help="output directory (default runs/bench-<mode>-<time>)")
 @click.option("--history", type=click.Path(dir_okay=False), default=None,
               help="CSV history file (default: bench_history.csv next to the output directory)")
+@click.option("--hf-base-dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="HF weights: auto = bf16 frozen base for lora/int8 (PEFT's fp32 adapters), fp32 for full; "
+                   "bf16 autocast either way")
 @click.option("--fastft-override", multiple=True, metavar="KEY=VALUE",
               help="extra fastft config override for the fastft side (e.g. model.fused_ce=false)")
-def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out_dir, history, fastft_override):
+def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out_dir, history, hf_base_dtype,
+          fastft_override):
     """Compare fastft with stock Hugging Face (Trainer + PEFT) on identical data, seeds and settings.
 
     Each side trains in its own process, alternating for ROUNDS rounds; prints median step time,
@@ -229,7 +235,10 @@ def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out
                f"python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
                f"peft {info['peft']}")
     click.echo("fastft backends: " + ", ".join(f"{k}={v}" for k, v in info["ops"].items()))
-    folder, stats = prepare(model, seq, total * batch, out / "rows.pt", seed)
+    folders, stats = prepare(model, seq, total * batch, out / "rows.pt", seed)
+    folder = folders["fp32"]
+    if Path(model).exists():  # the children may resolve a relative path elsewhere
+        model = str(Path(model).resolve())
     click.echo(f"model {folder}; data: {stats['rows']} rows of {seq} tokens from {stats['examples']} bundled "
                f"examples ({stats['target_fraction']:.0%} of positions carry loss), same rows and order on both sides")
     hf_int8 = "bitsandbytes" if importlib.util.find_spec("bitsandbytes") else "none"
@@ -237,7 +246,9 @@ def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out
         click.echo("note: bitsandbytes is not installed: the HF side runs its bf16 LoRA path (no int8)")
     rate = gemm_rate_bf16()
     click.echo(f"bf16 GEMM rate (2048^3, now): {rate / 1e9:.0f} GFLOP/s")
-    base = {"model": folder, "mode": mode, "batch": batch, "seq": seq, "total_steps": total, "lr": lr,
+    # fastft loads the model exactly as `fastft train --model.path MODEL` does; HF gets the folder
+    base = {"model": model, "hf_models": folders, "hf_base_dtype": hf_base_dtype, "mode": mode, "batch": batch,
+            "seq": seq, "total_steps": total, "lr": lr,
             "seed": seed, "data": str(out / "rows.pt"), "threads": threads, "hf_int8": hf_int8,
             "fastft_overrides": list(fastft_override)}
     runs: dict[str, list[dict]] = {"hf": [], "fastft": []}
@@ -248,13 +259,13 @@ def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out
             runs[side].append(res)
             st = sorted(res["step_times"][warmup:])
             click.echo(f"round {r + 1}/{rounds} {side:>6}: median step {statistics.median(st):.3f} s, "
-                       f"peak RSS {res['peak_rss_mb']:.0f} MB, loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
+                       f"peak RSS {res['peak_rss_mb']:.0f} MB, load avg {res['load_avg_end']:.1f}, loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}")
     from transformers import AutoConfig
 
     fpt = model_flops_per_token(AutoConfig.from_pretrained(folder), seq, mode)
     res = {"time": stamp, "args": {"model": folder, "mode": mode, "batch": batch, "seq": seq, "steps": steps,
                                    "warmup": warmup, "rounds": rounds, "lr": lr, "seed": seed,
-                                   "fastft_overrides": list(fastft_override)},
+                                   "hf_base_dtype": hf_base_dtype, "fastft_overrides": list(fastft_override)},
            "machine": info, "data": stats, "gemm_bf16_flops": rate, "model_flops_per_token": fpt}
     for side in ("hf", "fastft"):
         s = summarise(runs[side], warmup)

@@ -17,6 +17,7 @@ forward, backward, optimizer and the trainer's own per-step logging all included
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -71,6 +72,7 @@ def run_hf(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     mode, bf16 = spec["mode"], bf16_supported()
     notes = []
+    want = spec.get("hf_base_dtype", "auto")
     kwargs: dict = {"attn_implementation": "sdpa"}
     if mode == "int8" and spec.get("hf_int8") == "bitsandbytes":
         from transformers import BitsAndBytesConfig
@@ -78,6 +80,8 @@ def run_hf(spec: dict) -> dict:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
         notes.append("int8 base via bitsandbytes LLM.int8 (Linear8bitLt)")
         base_dtype = torch.bfloat16 if bf16 else torch.float32
+    elif want != "auto":
+        base_dtype = torch.bfloat16 if want == "bf16" else torch.float32
     elif mode == "full":
         base_dtype = torch.float32  # fp32 masters, bf16 autocast compute: HF's mixed-precision recipe
     else:
@@ -86,7 +90,9 @@ def run_hf(spec: dict) -> dict:
         base_dtype = torch.bfloat16 if bf16 else torch.float32
         if mode == "int8":
             notes.append("bitsandbytes not installed: HF side runs its bf16 LoRA path instead of int8")
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=base_dtype, **kwargs)
+    # the checkpoint in the dtype it is loaded in (as on the hub): no fp32 file pages in the RSS
+    folder = spec["hf_models"]["bf16" if base_dtype == torch.bfloat16 else "fp32"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype, **kwargs)
     if mode in ("lora", "int8"):
         from peft import LoraConfig, get_peft_model
 
@@ -173,6 +179,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(int(spec["threads"]))
     out = run_hf(spec) if spec["side"] == "hf" else run_fastft(spec)
     out["peak_rss_mb_end"] = peak_rss_mb()
+    out["load_avg_end"] = os.getloadavg()[0]
     out["threads"] = torch.get_num_threads()
     Path(argv[1]).write_text(json.dumps(out))
     return 0
