@@ -11,6 +11,8 @@ problem (shared/ENVIRONMENT.md) does not arise; loads upcast to fp32, stores rou
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,8 @@ def _capped(x, softcap, CAP: tl.constexpr):
 @triton.jit
 def _ce_chunk_kernel(buf_ptr, stride_row, y_ptr, scale_ptr, loss_ptr, z_ptr, correct_ptr, V,
                      smoothing, z_loss, softcap,
-                     CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+                     CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
     # buf: (rows, V) logits, fp32/bf16/fp16, overwritten by the gradient; y: (rows,) int64;
     # scale: (rows,) fp32; loss, z: (rows,) fp32; correct: (rows,) uint8
     row = tl.program_id(0).to(tl.int64)
@@ -75,7 +78,15 @@ def _ce_chunk_kernel(buf_ptr, stride_row, y_ptr, scale_ptr, loss_ptr, z_ptr, cor
             if CAP:
                 t = z / softcap
                 g = g * (1.0 - t * t)
-            tl.store(base + offs, g.to(buf_ptr.dtype.element_ty), mask=mask)
+            if MANUAL_BF16_RNE:
+                # Interpreter only: its fp32->bf16 cast truncates (triton 3.9 interpreter.py
+                # cast_impl), so round to nearest even by hand; on GPUs the cast is already RNE.
+                bits = g.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                tl.store(base + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                         mask=mask)
+            else:
+                tl.store(base + offs, g.to(buf_ptr.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_chunk_triton(buf: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
@@ -92,7 +103,10 @@ def cross_entropy_chunk_triton(buf: torch.Tensor, y: torch.Tensor, scale: torch.
     if rows == 0:
         return loss, zt, correct.bool()
     block = min(4096, triton.next_power_of_2(V))
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _ce_chunk_kernel[(rows,)](buf, buf.stride(0), y, scale, loss, zt, correct, V,
                               float(smoothing), float(z_loss), float(softcap or 1.0),
-                              CAP=softcap is not None, WRITE_GRAD=bool(write_grad), BLOCK_V=block)
+                              CAP=softcap is not None, WRITE_GRAD=bool(write_grad),
+                              MANUAL_BF16_RNE=interpret and buf.dtype == torch.bfloat16,
+                              BLOCK_V=block)
     return loss, zt, correct.bool()
