@@ -150,9 +150,12 @@ def main() -> None:
             f"int8_linear backend: {_backend.choose_backend('int8_linear', 'cpu')}")
     print(head)
     rows, notes = [], []
+    load0 = os.getloadavg()[0]
     overhead_case(torch.float32, a.n, a.dim, a.r, a.reps, rows, notes)
     overhead_case(torch.bfloat16, a.n, a.dim, a.r, a.reps, rows, notes)
     int8_case(a.n, a.dim, a.r, a.reps, rows, notes)
+    notes.append(f"1-min load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} cores (a shared machine: the ratios, not the ms, are the result)")
     os.makedirs(RESULTS, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -39,13 +39,18 @@ def merge_adapter(model, adapter: str):
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise UserError(f"--adapter {adapter!r}: no adapter_config.json there (expected a PEFT-format "
                         "adapter directory, e.g. <run>/adapter or a checkpoint's adapter folder)")
-    from peft import PeftModel
+    import warnings
 
-    try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
-    except (ValueError, KeyError, RuntimeError) as e:
+    from fastft.errors import ConfigError
+    from fastft.lora import load_adapter, merge_lora
+
+    try:  # fastft's own PEFT-format loader: peft is only a test dependency
+        load_adapter(model, adapter)
+    except (UserError, ConfigError, ValueError, KeyError) as e:
         raise UserError(f"--adapter {adapter!r} does not fit this model ({str(e).splitlines()[0]})") from None
-    return peft_model.merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return merge_lora(model)
 
 
 def render_prompt(tokenizer, prompt: str, system: str | None, template: str) -> tuple[str, bool]:
