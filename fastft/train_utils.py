@@ -34,14 +34,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _fused_ce():
-    try:
-        from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-    except ImportError:
-        return None
-    return fused_linear_cross_entropy
-
-
 def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
            label_smoothing: float, fused: bool) -> torch.Tensor:
     """Sum of token cross-entropies, fp32 scalar.
@@ -50,10 +42,13 @@ def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         hidden: (N, H) final hidden states of the target positions only.
         weight: (V, H) output head weight; bias: (V,) or None.
         targets: (N,) int64 token ids.
+        fused: use fastft.ops.fused_linear_cross_entropy (no (N, V) logits); False builds them.
     """
-    fn = _fused_ce() if fused else None
-    if fn is not None:
-        return fn(hidden, weight, targets, bias, reduction="sum", label_smoothing=label_smoothing)
+    if fused:
+        from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum",
+                                          label_smoothing=label_smoothing)
     logits = F.linear(hidden, weight, bias).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
 
