@@ -2,8 +2,10 @@
 (the fallback and test oracle), its autograd.Function and the single backend choice."""
 
 # Lazy exports: importing fastft.ops stays cheap; the op module loads on first use.
+# The function itself is imported from its module (`from fastft.ops.fused_linear_cross_entropy
+# import fused_linear_cross_entropy`): a package attribute of the same name as the submodule would
+# be replaced by the module as soon as the submodule is imported.
 _LAZY = {
-    "fused_linear_cross_entropy": "fastft.ops.fused_linear_cross_entropy",
     "FusedLinearCrossEntropyLoss": "fastft.ops.fused_linear_cross_entropy",
 }
 
