@@ -43,11 +43,13 @@ __all__ = ["FusedCEOutput", "FusedLinearCrossEntropyLoss", "fused_linear_cross_e
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
 
-# Chunk buffer budget. Measured on the 2-core EPYC (benchmarks/bench_fused_linear_cross_entropy.py
-# --chunk-sweep, N=4096, H=576, V=49152, fp32 forward+backward, weight frozen):
-#   chunk 128: 2.37 s, 256: 2.20 s, 512: 2.16 s, 1024: 2.17 s, 2048: 2.21 s  (bare GEMMs 2.12 s).
-# Below ~256 rows the GEMMs lose efficiency; above ~1024 the buffer leaves the caches and only
-# costs memory. 128 MiB is 682 rows of V=49152 fp32 (1365 in bf16) and 261 rows of V=128256 fp32.
+# Chunk buffer budget. Rationale (a chunk-size sweep on the benchmark shapes is still to be
+# measured: the machine was saturated by other jobs when this was written): the chunk's logits
+# GEMM streams all of W (V x H) once per chunk, so its arithmetic intensity is chunk/2 FLOP per
+# byte of fp32 W; at >= 256 rows that is >= 128 FLOP/B, far above the ~4 FLOP/B at which the
+# 30 GB/s memory would limit a ~120 GFLOP/s fp32 GEMM, so larger chunks buy little speed and cost
+# memory linearly. 128 MiB is 682 rows of V=49152 fp32 (1365 in bf16) and 261 rows of V=128256
+# fp32 -- about 5% of eager's (N, V) fp32 logits at N=4096 and well under the 10% memory target.
 CHUNK_BUDGET_BYTES = 128 << 20
 _MIN_CHUNK, _MAX_CHUNK = 128, 2048
 # dWeight of a 16-bit weight: the chunk's GEMM output is 16-bit, added into the fp32 accumulator
