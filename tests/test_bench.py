@@ -42,7 +42,8 @@ def test_bench_outputs_and_loss_agreement(tiny):
         assert s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 50 and 0 < s["mfu"] < 1
     assert res["hf"]["settings"]["optim"] == "adamw_torch_fused"
     assert res["loss_check"]["ok"] is True
-    assert res["ratios"]["tokens_per_s"] == pytest.approx(res["fastft"]["tokens_per_s"] / res["hf"]["tokens_per_s"])
+    hf_t, ff_t = res["hf"]["step_times"], res["fastft"]["step_times"]  # one round: ratio of its medians
+    assert res["ratios"]["tokens_per_s"] == pytest.approx(sorted(hf_t)[1] / sorted(ff_t)[1])
     # both sides saw the same batches from the same weights: the first losses agree closely
     assert abs(res["hf"]["losses"][0] - res["fastft"]["losses"][0]) < 0.01 * res["hf"]["losses"][0]
     png = (tiny / "ok" / "plot.png").read_bytes()
