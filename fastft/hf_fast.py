@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -34,7 +35,9 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "patch_blocks", "supported", "unpatch_blocks
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ROPE_ON = contextvars.ContextVar("fastft_fused_rope", default=False)
 _ORIGINAL_ROPE: dict[str, object] = {}   # modeling module name -> its apply_rotary_pos_emb
-_PATCHED_ATTN: dict[str, int] = {}       # modeling module name -> patched attention modules
+# modeling module name -> its live patched attention modules (weak: a patched model that is simply
+# dropped must not pin the dispatcher forever)
+_PATCHED_ATTN: dict[str, weakref.WeakSet] = {}
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -113,7 +116,7 @@ def patch_blocks(model: nn.Module) -> dict[str, int]:
             if mod.__name__ not in _ORIGINAL_ROPE:
                 _ORIGINAL_ROPE[mod.__name__] = mod.apply_rotary_pos_emb
                 mod.apply_rotary_pos_emb = _rope_dispatcher(mod.apply_rotary_pos_emb)
-            _PATCHED_ATTN[mod.__name__] = _PATCHED_ATTN.get(mod.__name__, 0) + 1
+            _PATCHED_ATTN.setdefault(mod.__name__, weakref.WeakSet()).add(m)
             m.forward = types.MethodType(_attn_forward, m)
             m._fastft_modeling = mod.__name__
             kind = "rope"
@@ -126,7 +129,8 @@ def patch_blocks(model: nn.Module) -> dict[str, int]:
 
 def unpatch_blocks(model: nn.Module) -> int:
     """Undo :func:`patch_blocks` on ``model``; returns the number of modules restored. The module
-    global ``apply_rotary_pos_emb`` is restored once no patched attention module is left."""
+    global ``apply_rotary_pos_emb`` is restored once no live patched attention module is left
+    (the dispatcher is harmless meanwhile: outside a patched module it calls the original)."""
     n = 0
     for m in model.modules():
         if not getattr(m, "_fastft_fused", False):
@@ -135,8 +139,8 @@ def unpatch_blocks(model: nn.Module) -> int:
             del m.forward
         name = m.__dict__.pop("_fastft_modeling", None)
         if name is not None:
-            _PATCHED_ATTN[name] -= 1
-            if _PATCHED_ATTN[name] == 0:
+            _PATCHED_ATTN[name].discard(m)
+            if not _PATCHED_ATTN[name]:
                 importlib.import_module(name).apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(name)
                 del _PATCHED_ATTN[name]
         del m._fastft_fused
