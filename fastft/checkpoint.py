@@ -52,7 +52,10 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool) -> None:
     if is_lora:
         save_adapter(model, str(out / "adapter"))
     else:
+        from fastft.precision import record_run_dtype
+
         model.save_pretrained(str(out / "model"), safe_serialization=True)
+        record_run_dtype(model, out / "model")  # fp32 embeddings/norms: still a bf16 model
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / ("adapter" if is_lora else "model")))
 

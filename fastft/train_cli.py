@@ -142,6 +142,9 @@ def build(cfg: Config, bundle=None):
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"finetune: mode={cfg.finetune.mode!r} with these regex/freeze settings leaves "
                           "no parameter to train")
+    from fastft.precision import keep_fp32_weights
+
+    keep_fp32_weights(model, cfg.finetune)  # trainable embeddings/norms in fp32 (fastft/precision.py)
     return model.to(device), tok, bundle, device
 
 

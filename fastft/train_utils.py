@@ -49,7 +49,8 @@ def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
         return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum",
                                           label_smoothing=label_smoothing)
-    logits = F.linear(hidden, weight, bias).float()  # (N, V)
+    w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # fp32 tied head: as autocast
+    logits = F.linear(hidden, w, None if bias is None else bias.to(hidden.dtype)).float()  # (N, V)
     return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
 
 

@@ -5,12 +5,14 @@ all-reduced across ranks) before the first backward, and every micro-batch's sum
 divided by that step total, so accumulation over k micro-batches gives the same gradient as one
 batch k times larger (not the mean of per-micro-batch means that HF fixed in late 2024).
 
-Precision: weights live in the run dtype (bf16 on this CPU); trainable parameters get fp32
-master copies inside the optimizer; no autocast (on CPU it re-casts fp32 weights every forward:
-227 tok/s with autocast vs 295 tok/s with bf16 weights, ENVIRONMENT.md). fp16 adds dynamic loss
-scaling (GPU only). Gradients accumulate in the parameter dtype: on the tiny test Llama the
-relative gradient error of bf16 vs fp32 is 5.8e-3 for one batch of 8 and 6.4e-3 for 8
-micro-batches of 1, i.e. the accumulation adds little to bf16's own compute error.
+Precision: weights live in the run dtype (bf16 on this CPU), except trainable embeddings and
+RMSNorm weights, kept in fp32 as autocast does (fastft/precision.py: bf16 hid their first Adam
+updates); the other trainable parameters get fp32 master copies inside the optimizer; no
+autocast (on CPU it re-casts fp32 weights every forward: 227 tok/s with autocast vs 295 tok/s
+with bf16 weights, ENVIRONMENT.md). fp16 adds dynamic loss scaling (GPU only). Gradients
+accumulate in the parameter dtype: on the tiny test Llama the relative gradient error of bf16
+vs fp32 is 5.8e-3 for one batch of 8 and 6.4e-3 for 8 micro-batches of 1, i.e. the accumulation
+adds little to bf16's own compute error.
 """
 from __future__ import annotations
 

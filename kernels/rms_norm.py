@@ -57,7 +57,8 @@ def _rne(t: torch.Tensor) -> bool:
 
 
 def rms_norm_fwd_triton(x2, w, y, rstd, eps: float) -> None:
-    """x2, y: (rows, n) contiguous one dtype; w: (n,) same dtype; rstd: (rows,) fp32 out."""
+    """x2, y: (rows, n) contiguous one dtype; w: (n,) same dtype or fp32 (loaded as fp32 either way);
+    rstd: (rows,) fp32 out."""
     rows, n = x2.shape
     _rms_fwd_kernel[(rows,)](x2, w, y, rstd, n, eps, MANUAL_BF16_RNE=_rne(y), BLOCK=triton.next_power_of_2(n))
 

@@ -89,12 +89,43 @@ def test_rms_norm(backend, dtype):
                   lambda a, b: rms_norm_reference(a, b, 1e-6), _hf_rms, [x, w], [dy], dtype)
 
 
+@pytest.mark.parametrize("backend", _backends("rms_norm"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_rms_norm_fp32_weight(backend, dtype):
+    """fp32 weight with 16-bit x (fastft/precision.py): y in x's dtype, dweight fp32, the same
+    values as HF's module under autocast (fp32 result rounded to x's dtype by the next matmul)."""
+    for shape in _shapes(backend):
+        x = (torch.randn(shape) * 3 + 0.5).to(dtype)
+        # a weight off the 16-bit grid: the kernels must not round it
+        w = 1 + 0.2 * torch.randn(shape[-1]) + 1e-4 * torch.rand(shape[-1])
+        dy = torch.randn(shape).to(dtype)
+        fused = lambda a, b: rms_norm(a, b, 1e-6, forced=backend)  # noqa: E731
+        _check_op(f"rms_norm_w32{shape}", fused,
+                  lambda a, b: rms_norm_reference(a, b, 1e-6).to(a.dtype),
+                  lambda a, b: _hf_rms(a, b).to(a.dtype), [x, w], [dy], dtype)
+        (y,), (_, dw) = _run(fused, [x, w], [dy])
+        assert y.dtype == dtype and dw.dtype == torch.float32
+    # a change of the fp32 weight below 16-bit resolution still moves the output
+    x = torch.randn(64, 96).to(dtype)
+    w = torch.ones(96)
+    y0 = rms_norm(x, w, forced=backend).float()
+    y1 = rms_norm(x, w + 2e-3, forced=backend).float()  # bf16 spacing at 1.0 is 7.8e-3
+    assert (y0 != y1).any()
+
+
 def test_rms_norm_mixed_dtypes_and_errors():
     x = torch.randn(5, 16, dtype=torch.bfloat16)
-    w = torch.randn(16)  # fp32 weight, bf16 x: HF promotes to fp32; the reference handles it
+    w = torch.randn(16)  # fp32 weight, bf16 x: x's dtype out (autocast's values, see above)
     y = rms_norm(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, _hf_rms(x, w).to(torch.bfloat16), rtol=0, atol=0)
+    w16 = torch.randn(16, dtype=torch.float16)  # other mixes: the reference, HF's promoted dtype
+    y = rms_norm(x, w16)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, _hf_rms(x, w), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, _hf_rms(x, w16), rtol=1e-6, atol=1e-6)
+    if "cpu" in _backends("rms_norm"):
+        with pytest.raises(ValueError, match="weight dtype code"):
+            _backend.cpu_ext().rms_norm_fwd(x.data_ptr(), w16.data_ptr(), x.data_ptr(), 0, 0, 16, 1e-6, 1, 2)
     with pytest.raises(ValueError, match="weight has shape"):
         rms_norm(x, torch.ones(15, dtype=torch.bfloat16))
 

@@ -232,3 +232,35 @@ def test_realistic_shape_cpu_chunks():
             _, base = _grads(lambda h_, w_, y_, b_: F.cross_entropy(F.linear(h_, w_), y_), h, w, b, y)
             for a, r, t in zip(got, ref, base):
                 assert _max_err(a, r) <= 2 * _max_err(t, r) + 1e-3 * r.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # "none" runs the deferred backward
+def test_fp32_weight_with_16bit_hidden(backend, dtype, reduction):
+    """fp32 (tied-embedding) weight, 16-bit hidden (fastft/precision.py): GEMMs on the weight
+    rounded to the hidden dtype, as autocast does; dWeight comes back in fp32. Errors vs the fp32
+    truth within 2x of autocast's own (weight cast to the dtype, PyTorch's 16-bit CE)."""
+    N, H, V = (64, 96, 1003) if backend != "triton" else (12, 32, 203)
+    h, w16, _, y = _problem(N, H, V, dtype)
+    w = (w16.detach().float() + 1e-4 * torch.randn(V, H)).requires_grad_()  # off the 16-bit grid
+    opts = dict(reduction=reduction, label_smoothing=0.1)
+    _, got = _grads(fused_linear_cross_entropy, h, w, None, y, backend=backend, chunk_size=16, **opts)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == torch.float32
+    _, ref = _ref32(h, w, None, y, **opts)
+
+    def autocast_like(h_, w_, y_, b_, label_smoothing=0.0, reduction="mean"):
+        logits = F.linear(h_, w_.to(h_.dtype))
+        return F.cross_entropy(logits.float(), y_, label_smoothing=label_smoothing, reduction=reduction)
+
+    _, base = _grads(autocast_like, h, w, None, y, **opts)
+    for i, (a, r, t) in enumerate(zip(got, ref, base)):
+        scale = r.abs().max().item()
+        ours, theirs = _max_err(a, r), _max_err(t, r)
+        assert ours <= 2 * theirs + 1e-3 * scale, \
+            f"{dtype} output {i}: our err {ours:.3g} > 2x autocast's {theirs:.3g} (scale {scale:.3g})"
+    # the gradient accumulates into the fp32 parameter's .grad
+    fused_linear_cross_entropy(h, w, y, backend=backend).backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):  # 16-bit weight with fp32 hidden: not a supported mix
+        fused_linear_cross_entropy(h.detach().float(), w16, y, backend=backend)

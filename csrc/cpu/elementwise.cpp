@@ -67,12 +67,22 @@ inline __attribute__((always_inline)) void row_store(void* base, const float* v,
   for (int64_t i = 0; i < n; ++i) E::store(y, i, v[i]);
 }
 
+// The weight in fp32: its dtype WDT is x's, or fp32 with 16-bit x (fastft keeps trainable norm
+// weights in fp32, fastft/precision.py), loaded once per thread.
+inline const float* weight_f32(int wdt, const void* wp, int64_t n, float* buf) {
+  switch (wdt) {
+    case kFloat32: return static_cast<const float*>(wp);
+    case kBFloat16: return row_f32<kBFloat16>(wp, n, buf);
+    default: return row_f32<kFloat16>(wp, n, buf);
+  }
+}
+
 template <int DT>
-inline __attribute__((always_inline)) void rms_fwd_rows(const void* xp, const void* wp, void* yp, float* rstd,
-                                                        int64_t lo, int64_t hi, int64_t n, float eps) {
+inline __attribute__((always_inline)) void rms_fwd_rows(const void* xp, const void* wp, int wdt, void* yp,
+                                                        float* rstd, int64_t lo, int64_t hi, int64_t n, float eps) {
   using E = Elem<DT>;
-  std::vector<float> wbuf(DT == kFloat32 ? 0 : n), xbuf(DT == kFloat32 ? 0 : n), ybuf(DT == kFloat32 ? 0 : n);
-  const float* w = row_f32<DT>(wp, n, wbuf.data());
+  std::vector<float> wbuf(wdt == kFloat32 ? 0 : n), xbuf(DT == kFloat32 ? 0 : n), ybuf(DT == kFloat32 ? 0 : n);
+  const float* w = weight_f32(wdt, wp, n, wbuf.data());
   for (int64_t r = lo; r < hi; ++r) {
     const float* x = row_f32<DT>(static_cast<const typename E::T*>(xp) + r * n, n, xbuf.data());
     float acc = 0.0f;
@@ -89,24 +99,24 @@ inline __attribute__((always_inline)) void rms_fwd_rows(const void* xp, const vo
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void rms_fwd_chunk(int dt, const void* x, const void* w, void* y, float* rstd, int64_t lo, int64_t hi,
+void rms_fwd_chunk(int dt, const void* x, const void* w, int wdt, void* y, float* rstd, int64_t lo, int64_t hi,
                    int64_t n, float eps) {
   switch (dt) {
-    case kFloat32: rms_fwd_rows<kFloat32>(x, w, y, rstd, lo, hi, n, eps); break;
-    case kBFloat16: rms_fwd_rows<kBFloat16>(x, w, y, rstd, lo, hi, n, eps); break;
-    default: rms_fwd_rows<kFloat16>(x, w, y, rstd, lo, hi, n, eps); break;
+    case kFloat32: rms_fwd_rows<kFloat32>(x, w, wdt, y, rstd, lo, hi, n, eps); break;
+    case kBFloat16: rms_fwd_rows<kBFloat16>(x, w, wdt, y, rstd, lo, hi, n, eps); break;
+    default: rms_fwd_rows<kFloat16>(x, w, wdt, y, rstd, lo, hi, n, eps); break;
   }
 }
 
 // dw_acc: this thread's fp32 (n,) accumulator of sum_rows dy * round_x(x * rstd).
 template <int DT>
 inline __attribute__((always_inline)) void rms_bwd_rows(const void* dyp, const void* xp, const void* wp,
-                                                        const float* rstd, void* dxp, float* dw_acc,
+                                                        int wdt, const float* rstd, void* dxp, float* dw_acc,
                                                         int64_t lo, int64_t hi, int64_t n) {
   using E = Elem<DT>;
   const int64_t nb = DT == kFloat32 ? 0 : n;
-  std::vector<float> wbuf(nb), xbuf(nb), dybuf(nb), dxbuf(nb);
-  const float* w = row_f32<DT>(wp, n, wbuf.data());
+  std::vector<float> wbuf(wdt == kFloat32 ? 0 : n), xbuf(nb), dybuf(nb), dxbuf(nb);
+  const float* w = weight_f32(wdt, wp, n, wbuf.data());
   const float inv_n = 1.0f / static_cast<float>(n);
   for (int64_t r = lo; r < hi; ++r) {
     const float* x = row_f32<DT>(static_cast<const typename E::T*>(xp) + r * n, n, xbuf.data());
@@ -128,35 +138,46 @@ inline __attribute__((always_inline)) void rms_bwd_rows(const void* dyp, const v
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void rms_bwd_chunk(int dt, const void* dy, const void* x, const void* w, const float* rstd, void* dx,
+void rms_bwd_chunk(int dt, const void* dy, const void* x, const void* w, int wdt, const float* rstd, void* dx,
                    float* dw_acc, int64_t lo, int64_t hi, int64_t n) {
   switch (dt) {
-    case kFloat32: rms_bwd_rows<kFloat32>(dy, x, w, rstd, dx, dw_acc, lo, hi, n); break;
-    case kBFloat16: rms_bwd_rows<kBFloat16>(dy, x, w, rstd, dx, dw_acc, lo, hi, n); break;
-    default: rms_bwd_rows<kFloat16>(dy, x, w, rstd, dx, dw_acc, lo, hi, n); break;
+    case kFloat32: rms_bwd_rows<kFloat32>(dy, x, w, wdt, rstd, dx, dw_acc, lo, hi, n); break;
+    case kBFloat16: rms_bwd_rows<kBFloat16>(dy, x, w, wdt, rstd, dx, dw_acc, lo, hi, n); break;
+    default: rms_bwd_rows<kFloat16>(dy, x, w, wdt, rstd, dx, dw_acc, lo, hi, n); break;
   }
 }
 
-// x, y: (rows, n) contiguous, dtype dt; w: (n,) dtype dt; rstd: (rows,) fp32 out.
+// weight dtype code: -1 means x's; otherwise x's or fp32 (fp32 weight with 16-bit x).
+int resolve_wdt(int dt, int wdt, const char* op) {
+  if (wdt < 0) return dt;
+  if (wdt != dt && wdt != kFloat32)
+    throw std::invalid_argument(std::string(op) + ": weight dtype code " + std::to_string(wdt) +
+                                ", expected x's (" + std::to_string(dt) + ") or 0 (fp32)");
+  return wdt;
+}
+
+// x, y: (rows, n) contiguous, dtype dt; w: (n,) dtype wdt (dt or fp32); rstd: (rows,) fp32 out.
 void rms_norm_fwd(uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t n, double eps,
-                  int dt) {
+                  int dt, int wdt) {
   check_dtype(dt, "rms_norm_fwd");
+  wdt = resolve_wdt(dt, wdt, "rms_norm_fwd");
   if (rows <= 0 || n <= 0) return;
   py::gil_scoped_release nogil;
 #pragma omp parallel num_threads(threads_for(rows * n))
   {
     int64_t lo, hi;
     thread_range(rows, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
-    rms_fwd_chunk(dt, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(w),
+    rms_fwd_chunk(dt, reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(w), wdt,
                   reinterpret_cast<void*>(y), reinterpret_cast<float*>(rstd), lo, hi, n, static_cast<float>(eps));
   }
 }
 
-// dy, x, dx: (rows, n) dtype dt; w: (n,) dtype dt; rstd: (rows,) fp32; dw: (n,) fp32 out (the
+// dy, x, dx: (rows, n) dtype dt; w: (n,) dtype wdt (dt or fp32); rstd: (rows,) fp32; dw: (n,) fp32 out (the
 // per-thread partial sums added in thread order: deterministic for a given thread count).
 void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx, uintptr_t dw,
-                  int64_t rows, int64_t n, int dt) {
+                  int64_t rows, int64_t n, int dt, int wdt) {
   check_dtype(dt, "rms_norm_bwd");
+  wdt = resolve_wdt(dt, wdt, "rms_norm_bwd");
   float* dw_out = reinterpret_cast<float*>(dw);
   if (n <= 0) return;
   py::gil_scoped_release nogil;
@@ -169,7 +190,7 @@ void rms_norm_bwd(uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintpt
       const int tid = omp_get_thread_num();
       thread_range(rows, tid, omp_get_num_threads(), lo, hi);
       rms_bwd_chunk(dt, reinterpret_cast<const void*>(dy), reinterpret_cast<const void*>(x),
-                    reinterpret_cast<const void*>(w), reinterpret_cast<const float*>(rstd),
+                    reinterpret_cast<const void*>(w), wdt, reinterpret_cast<const float*>(rstd),
                     reinterpret_cast<void*>(dx), part.data() + static_cast<size_t>(tid) * n, lo, hi, n);
     }
   }
@@ -385,11 +406,11 @@ void rope_apply(uintptr_t x, uintptr_t y, uintptr_t c, uintptr_t s, const std::v
 
 void register_elementwise(py::module_& m) {
   m.def("rms_norm_fwd", &rms_norm_fwd, py::arg("x"), py::arg("weight"), py::arg("y"), py::arg("rstd"),
-        py::arg("rows"), py::arg("n"), py::arg("eps"), py::arg("dtype"),
-        "RMSNorm forward over (rows, n); writes y and the per-row fp32 1/rms.");
+        py::arg("rows"), py::arg("n"), py::arg("eps"), py::arg("dtype"), py::arg("weight_dtype") = -1,
+        "RMSNorm forward over (rows, n); writes y and the per-row fp32 1/rms. weight_dtype -1: x's.");
   m.def("rms_norm_bwd", &rms_norm_bwd, py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
         py::arg("dx"), py::arg("dweight"), py::arg("rows"), py::arg("n"), py::arg("dtype"),
-        "RMSNorm backward; dweight is an fp32 (n,) output.");
+        py::arg("weight_dtype") = -1, "RMSNorm backward; dweight is an fp32 (n,) output.");
   m.def("swiglu_fwd", &swiglu_fwd_all, py::arg("gate"), py::arg("up"), py::arg("y"), py::arg("numel"),
         py::arg("dtype"), "y = silu(gate) * up over numel contiguous elements.");
   m.def("swiglu_bwd", &swiglu_bwd_all, py::arg("gate"), py::arg("up"), py::arg("dy"), py::arg("dgate"),

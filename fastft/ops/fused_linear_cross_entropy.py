@@ -266,9 +266,9 @@ def _prepare(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None
                          f"dim), got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
-    if hidden.dtype not in _DTYPES or weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden/weight: expected the same dtype among fp32/bf16/fp16, got "
-                        f"{hidden.dtype} and {weight.dtype}")
+    if hidden.dtype not in _DTYPES or not (weight.dtype == hidden.dtype or weight.dtype == torch.float32):
+        raise TypeError(f"hidden/weight: expected the same dtype among fp32/bf16/fp16 (or an fp32 weight "
+                        f"with 16-bit hidden), got {hidden.dtype} and {weight.dtype}")
     V = weight.shape[0]
     if bias is not None and (bias.shape != (V,) or bias.dtype not in _DTYPES):
         raise ValueError(f"bias: expected a float tensor of shape ({V},), got {tuple(bias.shape)} "
@@ -301,6 +301,10 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, opts, reduction, chunk, backend):
         h, y, idx, n_valid, N = _prepare(hidden, weight, labels, bias, ignore_index)
+        # fp32 weight with 16-bit hidden (fastft's fp32 tied embedding, fastft/precision.py): the
+        # GEMMs run in the hidden dtype on a copy rounded once per call, as autocast would; dWeight
+        # still accumulates in fp32 and is returned in fp32 (ctx.w_dtype).
+        w_run = weight if weight.dtype == h.dtype else weight.to(h.dtype)
         M = h.shape[0]
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
@@ -313,7 +317,7 @@ class _FusedLinearCE(torch.autograd.Function):
             row_scale = torch.ones(M, dtype=torch.float32, device=h.device)
         chunk = chunk or default_chunk_size(M, weight.shape[0], h.dtype)
         loss_r, z_r, cor_r, dh, dw, db = _run_chunks(
-            h, weight, bias, y, row_scale, opts, backend, chunk,
+            h, w_run, bias, y, row_scale, opts, backend, chunk,
             need_dh and not deferred, need_dw and not deferred, need_db and not deferred)
         dev = h.device
         if reduction == "none":
@@ -334,7 +338,7 @@ class _FusedLinearCE(torch.autograd.Function):
         ctx.b_dtype = None if bias is None else bias.dtype
         ctx.opts, ctx.chunk, ctx.backend = opts, chunk, backend
         if deferred:
-            ctx.save_for_backward(h, weight, bias, y)
+            ctx.save_for_backward(h, w_run, bias, y)
         else:
             ctx.grads = (dh, dw, db)
         ctx.mark_non_differentiable(zt, acc)
@@ -404,7 +408,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
 
     Args:
         hidden: (..., H) fp32/bf16/fp16, any strides (e.g. the last hidden states (B, T, H)).
-        weight: (V, H) same dtype (the output head / tied embedding).
+        weight: (V, H) same dtype, or fp32 with 16-bit hidden (rounded to hidden's dtype for the
+            GEMMs; its gradient is accumulated and returned in fp32). The output head / tied embedding.
         labels: (...) integer token ids in [0, V) or ``ignore_index``; shape of hidden[..., 0].
         bias: (V,) or None.
         ignore_index: label value that contributes nothing.

@@ -14,9 +14,12 @@ save only x and the per-row fp32 ``r``.
 
 Backends (one choice, :func:`rms_norm`): ``cpu`` (csrc/cpu/elementwise.cpp), ``triton``
 (kernels/rms_norm.py), ``cuda`` (csrc/cuda/elementwise.cu), ``torch``
-(:func:`rms_norm_reference`). The kernels need ``weight.dtype == x.dtype`` in fp32/bf16/fp16;
-other combinations (e.g. bf16 x with an fp32 weight, which HF promotes to an fp32 output) run
-the reference.
+(:func:`rms_norm_reference`). The kernels take ``weight.dtype == x.dtype`` in fp32/bf16/fp16,
+or an fp32 weight with bf16/fp16 x (fastft keeps trainable norm weights in fp32,
+fastft/precision.py): then ``y = round_x(weight * round_x(x * r))`` is returned in x's dtype
+(HF's module would promote to fp32, and autocast's next matmul round it to x's dtype: the same
+values) and dweight is fp32. The CUDA kernels are not built for that mix: on CUDA it runs the
+reference. Other combinations run the reference (``promote_types`` result, HF's).
 """
 from __future__ import annotations
 
@@ -58,8 +61,14 @@ def _check(x: Tensor, weight: Tensor) -> None:
         raise ValueError(f"rms_norm: weight on {weight.device}, x on {x.device}: expected one device")
 
 
-def _kernel_ok(x: Tensor, weight: Tensor) -> bool:
-    return x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype
+def _fp32_weight(x: Tensor, weight: Tensor) -> bool:
+    return weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _kernel_ok(x: Tensor, weight: Tensor, backend: str) -> bool:
+    if x.dtype not in _KERNEL_DTYPES:
+        return False
+    return weight.dtype == x.dtype or (_fp32_weight(x, weight) and backend != "cuda")
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -75,7 +84,8 @@ class _RMSNormFn(torch.autograd.Function):
         if rows:
             if backend == "cpu":
                 _backend.cpu_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                                                rows, n, float(eps), _backend.DTYPE_CODES[x.dtype])
+                                                rows, n, float(eps), _backend.DTYPE_CODES[x.dtype],
+                                                _backend.DTYPE_CODES[w.dtype])
             elif backend == "triton":
                 from fastft.kernels.rms_norm import rms_norm_fwd_triton
                 rms_norm_fwd_triton(x2, w, y, rstd, float(eps))
@@ -98,7 +108,8 @@ class _RMSNormFn(torch.autograd.Function):
         code = _backend.DTYPE_CODES[x2.dtype]
         if ctx.backend == "cpu":
             _backend.cpu_ext().rms_norm_bwd(dy2.data_ptr(), x2.data_ptr(), w.data_ptr(), rstd.data_ptr(),
-                                            dx.data_ptr(), dw.data_ptr(), rows, n, code)
+                                            dx.data_ptr(), dw.data_ptr(), rows, n, code,
+                                            _backend.DTYPE_CODES[w.dtype])
         elif rows == 0:
             dw.zero_()
         elif ctx.backend == "triton":
@@ -126,14 +137,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, forced: str | None = 
 
     Args:
         x: (..., n) fp32/bf16/fp16, any layout (made contiguous).
-        weight: (n,) on x's device; the kernels need ``weight.dtype == x.dtype``.
+        weight: (n,) on x's device; the kernels take x's dtype, or fp32 with bf16/fp16 x.
         eps: added to the mean square (HF's ``variance_epsilon``).
         forced: backend name overriding ``FASTFT_BACKEND``.
     Returns:
-        (..., n) in ``promote_types(x.dtype, weight.dtype)``; differentiable in x and weight.
+        (..., n) in x's dtype when weight is x's dtype or fp32 with 16-bit x, else
+        ``promote_types(x.dtype, weight.dtype)``; differentiable in x and weight (dweight in
+        weight's dtype).
     """
     _check(x, weight)
     backend = _backend.choose_backend("rms_norm", x.device, forced)
-    if backend == "torch" or not _kernel_ok(x, weight):
-        return rms_norm_reference(x, weight, eps)
+    if backend == "torch" or not _kernel_ok(x, weight, backend):
+        y = rms_norm_reference(x, weight, eps)
+        return y.to(x.dtype) if _fp32_weight(x, weight) else y
     return _RMSNormFn.apply(x, weight, eps, backend)
