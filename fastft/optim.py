@@ -153,8 +153,11 @@ class FusedAdamW(torch.optim.Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         want_master = group["master_weights"] and p.dtype != torch.float32
+        # fp32 source values attached by fastft.precision.attach_fp32_sources (consumed once)
+        init = p.__dict__.pop("_fastft_master_init", None)
         if want_master and "master_param" not in state:
-            state["master_param"] = p.detach().float().contiguous()
+            ok = init is not None and init.shape == p.shape and init.dtype == torch.float32
+            state["master_param"] = (init.to(p.device) if ok else p.detach().float()).contiguous()
         elif not want_master and "master_param" in state:
             del state["master_param"]
         for k in _MOMENT_KEYS:  # e.g. loaded from a state dict of another dtype/device

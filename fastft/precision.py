@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["keep_fp32_weights", "record_run_dtype", "trainable_eventually"]
+__all__ = ["attach_fp32_sources", "keep_fp32_weights", "record_run_dtype", "trainable_eventually"]
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -127,3 +127,42 @@ def record_run_dtype(model: nn.Module, folder) -> None:
     if "dtype" in cfg or "torch_dtype" in cfg:
         cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dt).split(".")[1]
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def attach_fp32_sources(model: nn.Module, folder: str) -> int:
+    """Start the fp32 weights from the fp32 source values, not from the 16-bit params.
+
+    79.3% of SmolLM2's fp32 weights (dequantised GGUF) are off the bf16 grid, and a +-2e-5 step
+    flips the bf16 rounding of 14.9% of them: with HF's autocast that works like stochastic
+    rounding of the update (in expectation the fp32 step). Masters copied from the bf16 params
+    start *on* the grid, so no bf16 weight moved until its master had drifted half an ulp, and the
+    full-mode loss drifted 17.7% from HF's in 4 steps (benchmarks/README.md). Here, for every
+    trainable parameter found in ``folder``'s fp32 safetensors: an fp32 param (embeddings/norms
+    kept by :func:`keep_fp32_weights`) gets the source values; a 16-bit one gets them attached
+    as ``_fastft_master_init``, which FusedAdamW takes as its master copy. Returns the count.
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    want = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad or p.dtype == torch.float32:
+            want.setdefault(name, p)
+    n = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                p = want.get(key)
+                if p is None or p.dtype not in (torch.float32,) + _LOW:
+                    continue
+                t = fh.get_tensor(key)
+                if t.dtype != torch.float32 or t.shape != p.shape:
+                    continue
+                if p.dtype == torch.float32:
+                    with torch.no_grad():
+                        p.copy_(t)
+                elif p.requires_grad:
+                    p._fastft_master_init = t
+                n += 1
+    return n

@@ -145,6 +145,12 @@ def build(cfg: Config, bundle=None):
     from fastft.precision import keep_fp32_weights
 
     keep_fp32_weights(model, cfg.finetune)  # trainable embeddings/norms in fp32 (fastft/precision.py)
+    if dtype != torch.float32 and cfg.finetune.mode != "lora" and cfg.data.format != "classification":
+        from fastft.model_loading import materialize
+        from fastft.precision import attach_fp32_sources
+
+        # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/precision.py)
+        attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
     return model.to(device), tok, bundle, device
 
 
