@@ -43,13 +43,15 @@ __all__ = ["FusedCEOutput", "FusedLinearCrossEntropyLoss", "fused_linear_cross_e
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
 
-# Chunk buffer budget. Rationale (a chunk-size sweep on the benchmark shapes is still to be
-# measured: the machine was saturated by other jobs when this was written): the chunk's logits
-# GEMM streams all of W (V x H) once per chunk, so its arithmetic intensity is chunk/2 FLOP per
-# byte of fp32 W; at >= 256 rows that is >= 128 FLOP/B, far above the ~4 FLOP/B at which the
-# 30 GB/s memory would limit a ~120 GFLOP/s fp32 GEMM, so larger chunks buy little speed and cost
-# memory linearly. 128 MiB is 682 rows of V=49152 fp32 (1365 in bf16) and 261 rows of V=128256
-# fp32 -- about 5% of eager's (N, V) fp32 logits at N=4096 and well under the 10% memory target.
+# Chunk buffer budget. The chunk's logits GEMM streams all of W (V x H) once per chunk, so
+# larger chunks raise its arithmetic intensity (chunk/2 FLOP per byte of fp32 W) and cost memory
+# linearly. Measured (benchmarks/sweep_ce_chunk.py, N=4096 H=576 V=49152, fwd+bwd, 2-core EPYC,
+# quiet, results/ce_chunk_sweep.md), time relative to this budget's choice:
+#   fp32: 128 rows 1.26x, 256 1.09x, 512 1.01x, 586 (this budget) 1.00, 1024 0.94x, 2048 0.90x
+#   bf16: 128 rows 1.18x, 256 1.00x, 512 0.97x, 1024 (this budget) 1.00, 2048 0.99x
+# so 128 MiB sits at the knee: bf16 gains nothing from more, fp32 gains 6-10% for 2-3.5x the
+# buffer, which would put fastft's extra peak at or above the 10%-of-eager memory target
+# (eager's extra peak is ~2.3 GB at that shape; fastft's 135 MB fp32 / 112 MB bf16).
 CHUNK_BUDGET_BYTES = 128 << 20
 _MIN_CHUNK, _MAX_CHUNK = 128, 2048
 # dWeight of a 16-bit weight: the chunk's GEMM output is 16-bit, added into the fp32 accumulator
