@@ -13,13 +13,8 @@ from fastft.errors import DataError
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: OpenMP spin-waits of 2 threads on the shared box cost far more than they
-    gain (the trainer tests measured 15 s vs 2 min under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py: tiny models run on one thread
     yield
-    torch.set_num_threads(n)
 
 
 def _examples():

@@ -16,11 +16,8 @@ from trainer_helpers import make_tiny_model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():  # see tests/test_trainer.py: 2 threads on a 64-wide model only spin
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py: tiny models run on one thread
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,8 @@ from trainer_helpers import bundled_rows, make_tiny_model, write_jsonl
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """A 64-wide model gains nothing from 2 OpenMP threads; under load (other jobs on the 2 cores)
-    their spin-waits made these tests 20-60x slower (37 s vs 0.6 s measured for one test)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py: tiny models run on one thread
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
