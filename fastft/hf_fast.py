@@ -26,9 +26,10 @@ import weakref
 import torch
 from torch import nn
 
-from fastft.ops.rms_norm import rms_norm
+from fastft import recompute
+from fastft.ops.rms_norm import _RMSNormFn, rms_norm
 from fastft.ops.rope import rope
-from fastft.ops.swiglu import swiglu
+from fastft.ops.swiglu import _SwiGLUFn, swiglu
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "patch_blocks", "supported", "unpatch_blocks"]
 
@@ -58,11 +59,27 @@ def _modeling(model_type: str):
 # Replacement forwards (bound per instance with types.MethodType, so deepcopy keeps them right)
 # ------------------------------------------------------------------------------------------------
 def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    y = rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    # The fused op saves x (contiguous: the same storage) and the weight for its own backward, so
+    # q/k/v or gate/up need not save y again for their weight gradients: it is rebuilt from those
+    # in backward (fastft/recompute.py; 2 x 1.1 MB per SmolLM2 layer at 4x256 bf16). The
+    # reference path saves fp32 copies instead of x: nothing to gain there.
+    if (recompute.active() and type(y.grad_fn) is _RMSNormFn._backward_cls
+            and hidden_states.is_contiguous()):
+        recompute.register(y, rms_norm, hidden_states, self.weight, self.variance_epsilon,
+                           y.grad_fn.backend)
+    return y
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    h = swiglu(gate, up)
+    # The fused op saves gate and up (contiguous: the same storages): down_proj's saved copy of h
+    # is rebuilt from them in backward (fastft/recompute.py; 3.1 MB per SmolLM2 layer).
+    if (recompute.active() and type(h.grad_fn) is _SwiGLUFn._backward_cls
+            and gate.is_contiguous() and up.is_contiguous()):
+        recompute.register(h, swiglu, gate, up, h.grad_fn.backend)
+    return self.down_proj(h)
 
 
 def _attn_forward(self, *args, **kwargs):

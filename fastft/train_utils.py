@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.recompute import recompute_cheap
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -62,11 +64,13 @@ class CausalLMLoss(nn.Module):
     rest. The caller divides by the number of target tokens of the whole optimizer step.
     """
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, fused_ce: bool = True):
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, fused_ce: bool = True,
+                 recompute_cheap: bool = True):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
         self.fused_ce = fused_ce
+        self.recompute_cheap = recompute_cheap
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None, smoothing: bool = True):
@@ -75,8 +79,11 @@ class CausalLMLoss(nn.Module):
         lm = unwrap(self.model)
         # an all-ones mask lets SDPA take its causal fast path instead of a materialised mask
         mask = None if attention_mask.dim() == 2 and bool(attention_mask.all()) and position_ids is None else attention_mask
-        out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                            use_cache=False)
+        # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
+        # without grad, and inside checkpointed layers, whose own hooks take over)
+        with recompute_cheap(self.recompute_cheap):
+            out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                use_cache=False)
         h = out.last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         keep = targets != -100

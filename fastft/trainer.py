@@ -78,7 +78,8 @@ class Trainer:
 
             self.loss_mod = ClassificationLoss(model, cfg.train.label_smoothing)
         else:
-            self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce)
+            self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce,
+                                         cfg.model.recompute_cheap)
         self.ddp = dist.wrap(self.loss_mod, device)
         self.optimizer = build_optimizer(param_groups(model, cfg.finetune, self.t.lr, self.t.weight_decay),
                                          self.t, self.low_precision)
