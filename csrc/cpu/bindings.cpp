@@ -12,6 +12,7 @@ __attribute__((weak)) void register_adamw(py::module_& m);
 __attribute__((weak)) void register_cross_entropy(py::module_& m);
 __attribute__((weak)) void register_int8_linear(py::module_& m);
 __attribute__((weak)) void register_elementwise(py::module_& m);
+__attribute__((weak)) void register_attention(py::module_& m);
 }  // namespace fastft
 
 static py::dict cpu_features() {
@@ -40,5 +41,6 @@ PYBIND11_MODULE(_C, m) {
     fastft::register_elementwise(m);
     for (const char* k : {"elementwise", "rms_norm", "swiglu", "rope"}) ops.append(k);
   }
+  if (fastft::register_attention) { fastft::register_attention(m); ops.append("attention"); }
   m.attr("ops") = ops;
 }

@@ -8,4 +8,5 @@ void register_adamw(pybind11::module_& m);
 void register_cross_entropy(pybind11::module_& m);
 void register_int8_linear(pybind11::module_& m);
 void register_elementwise(pybind11::module_& m);
+void register_attention(pybind11::module_& m);
 }  // namespace fastft
