@@ -42,6 +42,8 @@ class ModelConfig:
                                 min=0.0, max=0.99)
     fused_ce: bool = opt(True, "fused linear cross-entropy (never materialises the logits)")
     fused_blocks: bool = opt(True, "fused RMSNorm/SwiGLU/RoPE kernels in Llama-family blocks")
+    fused_attention: bool = opt(True, "fastft's causal attention kernel for plain causal SDPA calls in "
+                                "fused blocks (masks, packing and KV caches keep HF's SDPA)")
     recompute_cheap: bool = opt(True, "rebuild RMSNorm/SwiGLU outputs in backward instead of saving them "
                                 "(fused blocks; ~157 MB less for SmolLM2 full at 4x256 bf16)")
 

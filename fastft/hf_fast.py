@@ -9,7 +9,11 @@ touched):
   ``apply_rotary_pos_emb``. The attention code calls that module-level function by name, so
   the module global is replaced by a dispatcher that runs the fused op only inside a patched
   attention module's forward (a context variable set by the patched forward, so activation
-  checkpointing's recompute takes the same path) and the original everywhere else.
+  checkpointing's recompute takes the same path) and the original everywhere else;
+* with ``attention=True`` (the default), HF's ``sdpa`` attention function, inside a patched
+  attention module's forward, runs :func:`fastft.ops.attention.causal_attention` when the call is
+  plain causal self-attention (no mask tensor, no dropout, no cache, no softcap/sinks/bias) and
+  HF's SDPA otherwise (padding masks, packed-sequence masks, generation with a cache).
 
 Supported ``config.model_type``: llama, mistral, qwen2, qwen3 (checked against transformers
 5.23's module and class names). Anything else is left unpatched (:func:`supported` says so).
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from fastft import recompute
+from fastft.ops.attention import causal_attention
 from fastft.ops.rms_norm import _RMSNormFn, rms_norm
 from fastft.ops.rope import rope
 from fastft.ops.swiglu import _SwiGLUFn, swiglu
@@ -39,6 +44,12 @@ _ORIGINAL_ROPE: dict[str, object] = {}   # modeling module name -> its apply_rot
 # modeling module name -> its live patched attention modules (weak: a patched model that is simply
 # dropped must not pin the dispatcher forever)
 _PATCHED_ATTN: dict[str, weakref.WeakSet] = {}
+_ATTN_ON = contextvars.ContextVar("fastft_fused_attention", default=False)
+_SDPA_SAVED: dict[str, object] = {}  # "previous" -> the interface's own local "sdpa" entry, if any
+# HF attention kwargs that change the maths; any of them (non-None) sends the call to HF's SDPA.
+# (``sliding_window`` is not one: HF's SDPA path ignores it, the window lives in the mask, and a
+# None mask means the window covers the sequence.)
+_ATTN_EXTRAS = ("softcap", "position_bias", "cache", "s_aux", "sinks")
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -84,10 +95,49 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _attn_forward(self, *args, **kwargs):
     token = _ROPE_ON.set(True)
+    token_attn = _ATTN_ON.set(getattr(self, "_fastft_attention", False))
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
+        _ATTN_ON.reset(token_attn)
         _ROPE_ON.reset(token)
+
+
+def _sdpa_dispatcher(original):
+    """HF's ``sdpa`` attention interface, with plain causal self-attention inside a patched
+    module sent to fastft's kernel. Returns (B, T, Hq, D) like HF's."""
+    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               is_causal=None, **kwargs):
+        plain = (_ATTN_ON.get() and attention_mask is None and dropout == 0.0
+                 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+                 and query.shape[2] == key.shape[2] and not kwargs.get("output_attentions", False)
+                 and all(kwargs.get(k) is None for k in _ATTN_EXTRAS))
+        if plain:
+            return causal_attention(query, key, value, scaling).transpose(1, 2), None
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        is_causal=is_causal, **kwargs)
+
+    sdpa_attention_forward.__fastft_original__ = original
+    return sdpa_attention_forward
+
+
+def _install_attention() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+    if "previous" not in _SDPA_SAVED:
+        _SDPA_SAVED["previous"] = fns._local_mapping.get("sdpa")
+        fns["sdpa"] = _sdpa_dispatcher(fns["sdpa"])
+
+
+def _uninstall_attention() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+    if "previous" in _SDPA_SAVED:
+        prev = _SDPA_SAVED.pop("previous")
+        if prev is None:
+            fns._local_mapping.pop("sdpa", None)
+        else:
+            fns["sdpa"] = prev
 
 
 def _rope_dispatcher(original):
@@ -105,13 +155,15 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-def patch_blocks(model: nn.Module) -> dict[str, int]:
-    """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops.
+def patch_blocks(model: nn.Module, attention: bool = True) -> dict[str, int]:
+    """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops, and
+    (``attention``) plain causal SDPA calls through :func:`fastft.ops.attention.causal_attention`.
 
-    Returns the number of modules patched per kind (``{"rms_norm": n, "mlp": n, "rope": n}``);
+    Returns the number of modules patched per kind (``{"rms_norm": n, "mlp": n, "rope": n,
+    "attention": n}``, attention counting the rope-patched modules that also route attention);
     all zeros for an unsupported architecture. Idempotent.
     """
-    counts = {"rms_norm": 0, "mlp": 0, "rope": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0}
     mt = _model_type(model)
     if mt not in SUPPORTED_MODEL_TYPES:
         return counts
@@ -136,6 +188,10 @@ def patch_blocks(model: nn.Module) -> dict[str, int]:
             _PATCHED_ATTN.setdefault(mod.__name__, weakref.WeakSet()).add(m)
             m.forward = types.MethodType(_attn_forward, m)
             m._fastft_modeling = mod.__name__
+            m._fastft_attention = bool(attention)
+            if attention:
+                _install_attention()
+                counts["attention"] += 1
             kind = "rope"
         else:
             continue
@@ -160,6 +216,9 @@ def unpatch_blocks(model: nn.Module) -> int:
             if not _PATCHED_ATTN[name]:
                 importlib.import_module(name).apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(name)
                 del _PATCHED_ATTN[name]
+            m.__dict__.pop("_fastft_attention", None)
+            if not _PATCHED_ATTN:
+                _uninstall_attention()
         del m._fastft_fused
         n += 1
     return n

@@ -58,7 +58,7 @@ def _fwd_bwd(model, ids):
 
 class _Counter:
     def __init__(self, monkeypatch):
-        self.calls = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+        self.calls = {"rms_norm": 0, "swiglu": 0, "rope": 0, "causal_attention": 0}
         for name in self.calls:
             fn = getattr(hf_fast, name)
 
@@ -80,11 +80,11 @@ def test_patched_model_matches_hf(model_type, monkeypatch):
     fused = copy.deepcopy(base)
     counts = hf_fast.patch_blocks(fused)
     n_norm = 2 * 2 + 1 + (2 * 2 if model_type == "qwen3" else 0)  # qwen3: q_norm/k_norm too
-    assert counts == {"rms_norm": n_norm, "mlp": 2, "rope": 2}
-    assert hf_fast.patch_blocks(fused) == {"rms_norm": 0, "mlp": 0, "rope": 0}  # idempotent
+    assert counts == {"rms_norm": n_norm, "mlp": 2, "rope": 2, "attention": 2}
+    assert hf_fast.patch_blocks(fused) == {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0}  # idempotent
     calls = _Counter(monkeypatch)
     ours32 = _fwd_bwd(fused, ids)
-    assert calls.calls == {"rms_norm": n_norm, "swiglu": 2, "rope": 2}  # fused path really ran
+    assert calls.calls == {"rms_norm": n_norm, "swiglu": 2, "rope": 2, "causal_attention": 2}  # fused path ran
     # fp32: logits, loss and every gradient equal up to summation order
     assert set(ours32[2]) == set(ref32[2])
     for what, a, b in [("logits", ours32[0], ref32[0]), ("loss", ours32[1], ref32[1])] + \
@@ -103,6 +103,8 @@ def test_patched_model_matches_hf(model_type, monkeypatch):
     assert hf_fast.unpatch_blocks(fused) == n_norm + 4
     mod = hf_fast._modeling(model_type)
     assert not hasattr(mod.apply_rotary_pos_emb, "__fastft_original__")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "__fastft_original__")  # HF's SDPA is back
     again = _fwd_bwd(fused, ids)
     assert torch.equal(again[0], ref32[0])
 
@@ -114,9 +116,9 @@ def test_only_the_patched_model_uses_fused_rope(monkeypatch):
         calls = _Counter(monkeypatch)
         ids = _batch()
         b(input_ids=ids)
-        assert calls.calls == {"rms_norm": 0, "swiglu": 0, "rope": 0}
+        assert calls.calls == {"rms_norm": 0, "swiglu": 0, "rope": 0, "causal_attention": 0}
         a(input_ids=ids)
-        assert calls.calls["rope"] == 2
+        assert calls.calls["rope"] == 2 and calls.calls["causal_attention"] == 2
     finally:
         hf_fast.unpatch_blocks(a)
 
@@ -125,7 +127,7 @@ def test_unsupported_architecture_is_left_alone():
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     m = transformers.GPT2LMHeadModel(cfg)
     assert not hf_fast.supported(m)
-    assert hf_fast.patch_blocks(m) == {"rms_norm": 0, "mlp": 0, "rope": 0}
+    assert hf_fast.patch_blocks(m) == {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0}
 
 
 def _train(model, steps, dtype, ckpt=False):
@@ -159,3 +161,35 @@ def test_training_losses_match(dtype, ckpt, rtol):
     assert ref[-1] < ref[0] - 0.05  # it does learn (the comparison is not between flat curves)
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert abs(a - b) <= rtol * abs(b), f"step {step}: fused loss {a:.6f} vs HF {b:.6f}"
+
+
+def test_masked_attention_keeps_hf_sdpa(monkeypatch):
+    """A padding mask (or any mask tensor) must not reach the causal kernel: HF's SDPA runs it."""
+    base = _model("llama")
+    fused = copy.deepcopy(base)
+    hf_fast.patch_blocks(fused)
+    try:
+        calls = _Counter(monkeypatch)
+        ids = _batch()
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0  # left padding in row 0
+        ours = fused(input_ids=ids, attention_mask=mask).logits
+        assert calls.calls["causal_attention"] == 0 and calls.calls["rope"] == 2
+        ref = base(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours[:, 4:], ref[:, 4:], rtol=1e-5, atol=1e-5)
+        fused(input_ids=ids)  # no mask: the kernel
+        assert calls.calls["causal_attention"] == 2
+    finally:
+        hf_fast.unpatch_blocks(fused)
+
+
+def test_fused_attention_can_be_turned_off(monkeypatch):
+    m = _model("llama")
+    counts = hf_fast.patch_blocks(m, attention=False)
+    try:
+        assert counts["attention"] == 0 and counts["rope"] == 2
+        calls = _Counter(monkeypatch)
+        m(input_ids=_batch())
+        assert calls.calls["causal_attention"] == 0 and calls.calls["rope"] == 2
+    finally:
+        hf_fast.unpatch_blocks(m)
