@@ -21,7 +21,8 @@ is free and o_proj saves the very tensor attention saved. Gradients come back in
 Backends (one choice, :func:`causal_attention`): ``cpu`` (csrc/cpu/attention.cpp), ``triton``
 (kernels/attention.py), ``cuda`` (csrc/cuda/attention.cu); the ``torch`` fallback is PyTorch's
 own fused ``scaled_dot_product_attention`` (a T x T reference would be slow and memory-hungry
-as a fallback). :func:`attention_reference` (fp32 maths, materialised scores) is the test oracle.
+as a fallback), also used for dtypes other than fp32/bf16/fp16 and, on the GPU backends, for
+head dims above 256. :func:`attention_reference` (fp32 maths, materialised scores) is the test oracle.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ from fastft import _backend
 __all__ = ["attention_reference", "causal_attention"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Largest head dim of the GPU kernels (kernels/attention.py MAX_HEAD_DIM, csrc/cuda/attention.cu
+# kMaxHeadDim: their tiles keep (tile, D) fp32 accumulators in registers); larger ones run SDPA.
+_GPU_MAX_HEAD_DIM = 256
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -148,7 +152,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = _backend.choose_backend("attention", q.device, forced)
-    if backend == "torch" or q.dtype not in _KERNEL_DTYPES:
+    if (backend == "torch" or q.dtype not in _KERNEL_DTYPES
+            or (backend in ("triton", "cuda") and q.shape[-1] > _GPU_MAX_HEAD_DIM)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
     return _AttentionFn.apply(q, k, v, scale, backend)

@@ -1,0 +1,263 @@
+"""Triton kernels of the causal GQA attention (fastft.kernels.attention); maths and layouts in
+fastft/ops/attention.py and csrc/include/fastft/attention.h (the names below follow it).
+
+* forward: one program per (query tile of BM rows, batch * query head); it streams the key/value
+  tiles up to the diagonal with an online softmax (running max ``m``, running sum ``l``, fp32
+  accumulator) and writes the output and the fp32 ``lse = m + log(l)`` per row.
+* backward: ``delta_i = do_i . o_i`` (one small kernel into an fp32 scratch), then dK/dV with one
+  program per (key tile, batch * kv head) that loops over the group's G query heads and the query
+  tiles at or below the diagonal (so it owns its dK/dV rows: no atomics), then dQ with one program
+  per (query tile, batch * query head) looping over the key tiles up to the diagonal. Both recompute
+  ``p = exp(scale * q.k - lse)`` from the saved lse (no T x T tensor is stored).
+
+Tensors are (B, H, T, D) views with arbitrary (batch, head, time) strides and a unit last-dim
+stride; the head dim is padded to a power of two (>= 16, tl.dot's minimum) with masks.
+
+Precision: scores, softmax and accumulators are fp32. On a GPU the 16-bit paths feed p and ds to
+the second GEMMs in the input dtype (as flash-attention does) and fp32 inputs use
+``input_precision="ieee"`` (TF32 would miss the fp32 tolerances). Under ``TRITON_INTERPRET=1``
+``tl.dot`` on bf16 operands multiplies raw bit patterns (triton-lang/triton#11584): the launchers
+set ``UPCAST`` only when interpreting bf16, which runs those dots on fp32 operands after the same
+bf16 rounding the GPU path applies (rounded by hand: the interpreter's bf16 cast truncates).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastft.kernels._cast import to_out
+
+MAX_HEAD_DIM = 256  # largest head dim the launchers accept (tile table below)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 a @ b for operands already in the GEMM dtype (see the module docstring)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, D, Hq, G, scale,
+                     qs_b, qs_h, qs_t, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, os_b, os_h, os_t,
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // G
+    rm = pid_m * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    dmask = rd < D
+    q = tl.load(q_ptr + b * qs_b + h * qs_h + rm[:, None] * qs_t + rd[None, :],
+                mask=(rm[:, None] < T) & dmask[None, :], other=0.0)  # (BM, BD)
+    k_base = k_ptr + b * ks_b + hk * ks_h
+    v_base = v_ptr + b * vs_b + hk * vs_h
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    hi = tl.minimum((pid_m + 1) * BM, T)  # keys after the tile's last query are all masked
+    for n0 in range(0, hi, BN):
+        rn = n0 + tl.arange(0, BN)
+        kt = tl.load(k_base + rn[None, :] * ks_t + rd[:, None],
+                     mask=(rn[None, :] < T) & dmask[:, None], other=0.0)  # (BD, BN)
+        s = _dot(q, kt, UPCAST, IEEE) * scale  # scaled scores (BM, BN)
+        visible = (rn[None, :] <= rm[:, None]) & (rn[None, :] < T)
+        s = tl.where(visible, s, float("-inf"))
+        # key 0 is in the first tile and visible to every row, so m_new is finite from then on
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])  # attn_prob with the running max in place of lse
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rn[:, None] * vs_t + rd[None, :],
+                    mask=(rn[:, None] < T) & dmask[None, :], other=0.0)  # (BN, BD)
+        acc = acc * alpha[:, None] + _dot(to_out(p, v.dtype, MANUAL_BF16_RNE), v, UPCAST, IEEE)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    rmask = rm < T
+    tl.store(o_ptr + b * os_b + h * os_h + rm[:, None] * os_t + rd[None, :],
+             to_out(o, o_ptr.dtype.element_ty, MANUAL_BF16_RNE), mask=rmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * T + rm, m_i + tl.log(l_i), mask=rmask)  # attn_lse
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, T, D, Hq, os_b, os_h, os_t, dos_b, dos_h, dos_t,
+                           BM: tl.constexpr, BD: tl.constexpr):
+    # delta (B, Hq, T) fp32 contiguous: do_i . o_i with o as stored (rounded), like the CPU kernel
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    mask = (rm[:, None] < T) & (rd[None, :] < D)
+    o = tl.load(o_ptr + b * os_b + h * os_h + rm[:, None] * os_t + rd[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * dos_b + h * dos_h + rm[:, None] * dos_t + rd[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + rm, delta, mask=rm < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, D, Hq, Hkv, G, scale,
+                          qs_b, qs_h, qs_t, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, dos_b, dos_h, dos_t,
+                          dks_b, dks_h, dks_t, dvs_b, dvs_h, dvs_t,
+                          UPCAST: tl.constexpr, IEEE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    # works on transposed scores sT = k q^T (BN, BM): dv += pT do, dk += dsT q
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    hk = (bh % Hkv).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    dmask = rd < D
+    nmask = (rn[:, None] < T) & dmask[None, :]
+    k = tl.load(k_ptr + b * ks_b + hk * ks_h + rn[:, None] * ks_t + rd[None, :], mask=nmask, other=0.0)
+    v = tl.load(v_ptr + b * vs_b + hk * vs_h + rn[:, None] * vs_t + rd[None, :], mask=nmask, other=0.0)
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    lo = (pid_n * BN // BM) * BM  # first query tile that sees one of these keys
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = q_ptr + b * qs_b + h * qs_h
+        do_base = do_ptr + b * dos_b + h * dos_h
+        row_base = (b * Hq + h) * T
+        for m0 in range(lo, T, BM):
+            rm = m0 + tl.arange(0, BM)
+            mmask = (rm[:, None] < T) & dmask[None, :]
+            q = tl.load(q_base + rm[:, None] * qs_t + rd[None, :], mask=mmask, other=0.0)  # (BM, BD)
+            do = tl.load(do_base + rm[:, None] * dos_t + rd[None, :], mask=mmask, other=0.0)
+            lse = tl.load(lse_ptr + row_base + rm, mask=rm < T, other=0.0)
+            delta = tl.load(delta_ptr + row_base + rm, mask=rm < T, other=0.0)
+            st = _dot(k, tl.trans(q), UPCAST, IEEE)  # unscaled q.k, (BN, BM)
+            visible = (rn[:, None] <= rm[None, :]) & (rm[None, :] < T)
+            pt = tl.where(visible, tl.exp(st * scale - lse[None, :]), 0.0)  # attn_prob
+            dv += _dot(to_out(pt, do.dtype, MANUAL_BF16_RNE), do, UPCAST, IEEE)
+            dpt = _dot(v, tl.trans(do), UPCAST, IEEE)
+            dst = scale * pt * (dpt - delta[None, :])  # attn_dscore (0 where pt is masked)
+            dk += _dot(to_out(dst, q.dtype, MANUAL_BF16_RNE), q, UPCAST, IEEE)
+    tl.store(dk_ptr + b * dks_b + hk * dks_h + rn[:, None] * dks_t + rd[None, :],
+             to_out(dk, dk_ptr.dtype.element_ty, MANUAL_BF16_RNE), mask=nmask)
+    tl.store(dv_ptr + b * dvs_b + hk * dvs_h + rn[:, None] * dvs_t + rd[None, :],
+             to_out(dv, dv_ptr.dtype.element_ty, MANUAL_BF16_RNE), mask=nmask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, D, Hq, G, scale,
+                        qs_b, qs_h, qs_t, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, dos_b, dos_h, dos_t,
+                        dqs_b, dqs_h, dqs_t,
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // G
+    rm = pid_m * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    dmask = rd < D
+    mmask = (rm[:, None] < T) & dmask[None, :]
+    q = tl.load(q_ptr + b * qs_b + h * qs_h + rm[:, None] * qs_t + rd[None, :], mask=mmask, other=0.0)
+    do = tl.load(do_ptr + b * dos_b + h * dos_h + rm[:, None] * dos_t + rd[None, :], mask=mmask, other=0.0)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + rm, mask=rm < T, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rm, mask=rm < T, other=0.0)
+    k_base = k_ptr + b * ks_b + hk * ks_h
+    v_base = v_ptr + b * vs_b + hk * vs_h
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    hi = tl.minimum((pid_m + 1) * BM, T)
+    for n0 in range(0, hi, BN):
+        rn = n0 + tl.arange(0, BN)
+        kt = tl.load(k_base + rn[None, :] * ks_t + rd[:, None], mask=(rn[None, :] < T) & dmask[:, None], other=0.0)
+        vt = tl.load(v_base + rn[None, :] * vs_t + rd[:, None], mask=(rn[None, :] < T) & dmask[:, None], other=0.0)
+        s = _dot(q, kt, UPCAST, IEEE)  # unscaled (BM, BN)
+        visible = (rn[None, :] <= rm[:, None]) & (rn[None, :] < T)
+        p = tl.where(visible, tl.exp(s * scale - lse[:, None]), 0.0)  # attn_prob
+        dp = _dot(do, vt, UPCAST, IEEE)
+        ds = scale * p * (dp - delta[:, None])  # attn_dscore
+        dq += _dot(to_out(ds, kt.dtype, MANUAL_BF16_RNE), tl.trans(kt), UPCAST, IEEE)
+    tl.store(dq_ptr + b * dqs_b + h * dqs_h + rm[:, None] * dqs_t + rd[None, :],
+             to_out(dq, dq_ptr.dtype.element_ty, MANUAL_BF16_RNE), mask=mmask)
+
+
+def _config(d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and the constexpr precision flags for head dim ``d``.
+
+    GPU tiles shrink as the head dim grows so the fp32 (tile, BD) accumulators stay in registers;
+    they are untuned (no GPU on the machine this was written on). The interpreter gets 32-row
+    tiles: it runs one numpy call per block op, so fewer, larger tiles are faster there."""
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"attention (triton): head dim {d} > {MAX_HEAD_DIM} is not supported")
+    bd = max(16, triton.next_power_of_2(d))
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interp:
+        bm, bn, warps = 32, 32, 4
+    elif bd <= 64:
+        bm, bn, warps = 64, 64, 4
+    elif bd <= 128:
+        bm, bn, warps = 64, 32, 4
+    else:
+        bm, bn, warps = 32, 32, 8
+    flags = dict(UPCAST=interp and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
+                 MANUAL_BF16_RNE=interp and dtype == torch.bfloat16)
+    return dict(BM=bm, BN=bn, BD=bd, num_warps=warps, **flags)
+
+
+def _s3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor, scale: float) -> None:
+    """Causal GQA attention forward.
+
+    Args:
+        q: (B, Hq, T, D); k, v: (B, Hkv, T, D); one dtype (fp32/bf16/fp16), unit last-dim stride,
+            any (batch, head, time) strides.
+        out: (B, Hq, T, D) output view in q's dtype (unit last-dim stride), fully overwritten.
+        lse: (B, Hq, T) fp32 contiguous, overwritten with each row's log-sum-exp of scaled scores.
+        scale: score multiplier.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if B == 0 or T == 0:
+        return
+    cfg = _config(D, q.dtype)
+    grid = (triton.cdiv(T, cfg["BM"]), B * Hq)
+    _attn_fwd_kernel[grid](q, k, v, out, lse, T, D, Hq, Hq // Hkv, scale,
+                           *_s3(q), *_s3(k), *_s3(v), *_s3(out), **cfg)
+
+
+def attention_bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         dout: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                         dv: torch.Tensor, scale: float) -> None:
+    """Causal GQA attention backward (probabilities recomputed from ``lse``).
+
+    Args:
+        q, k, v, out, lse, scale: as given to / produced by :func:`attention_fwd_triton`.
+        dout: (B, Hq, T, D) gradient of ``out``, unit last-dim stride.
+        dq: (B, Hq, T, D); dk, dv: (B, Hkv, T, D): output views in q's dtype, fully overwritten
+            (dk/dv summed over the query heads of each kv head).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if B == 0 or T == 0:
+        return
+    cfg = _config(D, q.dtype)
+    G = Hq // Hkv
+    delta = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, cfg["BM"]), B * Hq)](
+        out, dout, delta, T, D, Hq, *_s3(out), *_s3(dout), BM=cfg["BM"], BD=cfg["BD"])
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, T, D, Hq, Hkv, G, scale,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv), **cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BM"]), B * Hq)](
+        q, k, v, dout, lse, delta, dq, T, D, Hq, G, scale,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq), **cfg)
