@@ -29,7 +29,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("triton", "cuda", "cpu", "torch"),
     "swiglu": ("triton", "cuda", "cpu", "torch"),
     "rope": ("triton", "cuda", "cpu", "torch"),
-    "attention": ("cpu", "torch"),
+    "attention": ("triton", "cuda", "cpu", "torch"),
 }
 # dtype codes shared with csrc/include/fastft/common.h
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
