@@ -123,6 +123,10 @@ class TrainConfig:
     warmup_ratio: float = opt(0.0, "warmup as a fraction of the total steps", min=0.0, max=0.99)
     scheduler: str = opt("cosine", "lr schedule after warmup", choices=("linear", "cosine", "constant"))
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0 = no clipping)", min=0.0)
+    master_format: str = opt("split", "fp32 masters of trainable bf16 weights: split (the bf16 weight is the "
+                             "master's high half, +2 bytes/param for the low half; bit-identical updates, "
+                             "ties round away from zero) or fp32 (a separate 4-byte copy)",
+                             choices=("split", "fp32"))
     seed: int = opt(0, "seed for model init, data order and dropout")
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", min=0)
     eval_batches: int = opt(0, "limit each evaluation to N batches (0 = whole validation set)", min=0)

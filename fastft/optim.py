@@ -1,13 +1,19 @@
 """``FusedAdamW``: torch.optim.AdamW semantics, one fused pass, optional fused gradient clipping.
 
     opt = FusedAdamW(model.parameters(), lr=2e-4, weight_decay=0.01, max_grad_norm=1.0,
-                     master_weights=True)      # bf16 params -> fp32 master + fp32 moments
+                     master_weights=True)      # bf16 params -> fp32-exact master + fp32 moments
     loss.backward(); opt.step(); opt.zero_grad()
     log(opt.last_grad_norm)                    # 0-dim fp32 tensor, pre-clip norm of this step
 
 The state dict uses torch.optim.AdamW's keys (``step``, ``exp_avg``, ``exp_avg_sq``,
-``max_exp_avg_sq``; plus ``master_param`` with master weights), so either optimizer loads the
-other's ``state_dict()``. The maths and the backends are in :mod:`fastft.ops.adamw`.
+``max_exp_avg_sq``), so either optimizer loads the other's ``state_dict()``. With master weights
+a param's state also holds its master: ``master_param`` (fp32, param shape) for fp16 params and
+with ``master_format="fp32"``, or ``master_lo`` (int16, param shape: the low half of the fp32
+master whose high half is the bf16 param itself) for bf16 params with the default
+``master_format="split"``. A ``master_lo`` is only meaningful with the bf16 param values it was
+saved with (a fastft checkpoint stores both); loading a state dict whose master is in the other
+format converts it at the next step, exactly. The maths and the backends are in
+:mod:`fastft.ops.adamw`.
 """
 from __future__ import annotations
 
@@ -18,12 +24,14 @@ import torch
 from torch import Tensor
 
 from fastft.errors import ConfigError, UserError
-from fastft.ops.adamw import AdamWGroup, _state_ptrs, fused_adamw
+from fastft.ops.adamw import (AdamWGroup, _state_ptrs, fused_adamw, split_master_decode,
+                              split_master_encode)
 
 __all__ = ["FusedAdamW"]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MASTER_FORMATS = ("split", "fp32")
 
 
 def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "FusedAdamW") -> None:
@@ -45,6 +53,11 @@ def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str 
         raise ConfigError(f"{where}: weight_decay={weight_decay!r}: expected a number >= 0")
 
 
+def _check_master_format(fmt: Any, where: str = "FusedAdamW") -> None:
+    if fmt not in _MASTER_FORMATS:
+        raise ConfigError(f"{where}: master_format={fmt!r}: expected one of {', '.join(_MASTER_FORMATS)}")
+
+
 class FusedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) with a fused one-pass update and fused gradient clipping.
 
@@ -57,8 +70,16 @@ class FusedAdamW(torch.optim.Optimizer):
             inside the step, exactly like ``torch.nn.utils.clip_grad_norm_`` before the step.
             The pre-clip norm is ``last_grad_norm``; a non-finite norm skips the step for every
             parameter and increments ``skipped_steps``.
-        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (per group);
+        master_weights: keep an fp32-exact master of every bf16/fp16 parameter (per group);
             moments are fp32 for every parameter dtype in any case.
+        master_format: how bf16 params keep their master (per group). ``"split"`` (default):
+            the bf16 param is the master's high half and an int16 tensor holds the low half,
+            2 bytes/param instead of 4 (SmolLM2-135M full fine-tuning: 212 MB less); the master
+            and every step's maths are bit-identical to ``"fp32"``, and the bf16 param equals
+            round-to-nearest-even of the master except at exact ties (rounded away from zero,
+            probability 2^-16 per element and step; :mod:`fastft.ops.adamw`). ``"fp32"``: a
+            separate fp32 master, the param rounded from it. fp16 params always get an fp32
+            master (fp16 is not the high half of an fp32 number).
         backend: force ``triton|cuda|cpu|torch`` (default: ``FASTFT_BACKEND`` or auto).
 
     Attributes:
@@ -73,19 +94,23 @@ class FusedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, max_grad_norm: float | None = None,
-                 master_weights: bool = False, backend: str | None = None) -> None:
+                 master_weights: bool = False, master_format: str = "split",
+                 backend: str | None = None) -> None:
         _check_hparams(lr, betas, eps, weight_decay)
+        _check_master_format(master_format)
         if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float))
                                           or not max_grad_norm >= 0):
             raise ConfigError(f"FusedAdamW: max_grad_norm={max_grad_norm!r}: expected a number >= 0 or None")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize, master_weights=master_weights)
+                        amsgrad=amsgrad, maximize=maximize, master_weights=master_weights,
+                        master_format=master_format)
         super().__init__(params, defaults)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self.last_grad_norm: Tensor | None = None
         self._skipped: Tensor | None = None
-        self._ready: dict = {}  # (id(param), amsgrad, master_weights) -> signature of checked state
+        # (id(param), amsgrad, master_weights, master_format) -> signature of checked state
+        self._ready: dict = {}
         self._ptr_cache: dict = {}  # group index -> (param ids, state pointer columns)
         # GradScaler: pass grad_scale / found_inf as attributes instead of unscaling grads.
         self._step_supports_amp_scaling = True
@@ -96,6 +121,10 @@ class FusedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for k in ("amsgrad", "maximize", "master_weights"):
                 group.setdefault(k, self.defaults.get(k, False) if hasattr(self, "defaults") else False)
+            # a torch.optim.AdamW state dict has no master_format: the optimizer's own default;
+            # one pickled before master_format existed: "fp32", which is what it kept
+            group.setdefault("master_format", self.defaults.get("master_format", "fp32")
+                             if hasattr(self, "defaults") else "fp32")
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("last_grad_norm", None)
@@ -110,13 +139,17 @@ class FusedAdamW(torch.optim.Optimizer):
                 _check_hparams(merged.get("lr", 1e-3), merged.get("betas", (0.9, 0.999)),
                                merged.get("eps", 1e-8), merged.get("weight_decay", 0.0),
                                f"FusedAdamW param group {len(self.param_groups)}")
+                _check_master_format(merged.get("master_format", "split"),
+                                     f"FusedAdamW param group {len(self.param_groups)}")
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a FusedAdamW or torch.optim.AdamW state dict.
 
         torch's loader casts every floating state tensor to its param's dtype; for bf16/fp16
-        params that would round the fp32 moments/masters, so they are re-read from the source.
+        params that would round the fp32 moments/masters (and turn a split master's int16
+        ``master_lo`` into bf16), so they are re-read from the source. A master in the other
+        format than the group's ``master_format`` is converted at the next step (exactly).
         """
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -129,6 +162,8 @@ class FusedAdamW(torch.optim.Optimizer):
             for k, v in saved_state[pid].items():
                 if k in _MOMENT_KEYS and isinstance(v, Tensor):
                     st[k] = v.detach().to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+                elif k == "master_lo" and isinstance(v, Tensor) and v.dtype == torch.int16:
+                    st[k] = v.detach().to(device=p.device, copy=True).contiguous()
                 elif k == "step":
                     st[k] = torch.tensor(float(v), dtype=torch.float32, device=p.device)
 
@@ -136,10 +171,19 @@ class FusedAdamW(torch.optim.Optimizer):
     def skipped_steps(self) -> int:
         return 0 if self._skipped is None else int(self._skipped)
 
+    def master_weight(self, p: Tensor) -> Tensor | None:
+        """The fp32 master of parameter ``p`` (param shape): the stored fp32 master (the tensor
+        itself), the decoded split master (a new tensor), or None (fp32 param, no master, or
+        no step taken yet)."""
+        st = self.state.get(p, {})
+        if "master_lo" in st:
+            return split_master_decode(p.detach(), st["master_lo"])
+        return st.get("master_param")
+
     # -- the step --------------------------------------------------------------------------------
     def _state_for(self, p: Tensor, group: dict, gi: int, pi: int) -> dict:
         state = self.state[p]
-        key = (id(p), group["amsgrad"], group["master_weights"])
+        key = (id(p), group["amsgrad"], group["master_weights"], group["master_format"])
         if self._ready.get(key) == self._signature(state):  # checked, and no tensor replaced since
             return state
         self._ptr_cache.clear()
@@ -152,14 +196,7 @@ class FusedAdamW(torch.optim.Optimizer):
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32).reshape(())
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        want_master = group["master_weights"] and p.dtype != torch.float32
-        # fp32 source values attached by fastft.precision.attach_fp32_sources (consumed once)
-        init = p.__dict__.pop("_fastft_master_init", None)
-        if want_master and "master_param" not in state:
-            ok = init is not None and init.shape == p.shape and init.dtype == torch.float32
-            state["master_param"] = (init.to(p.device) if ok else p.detach().float()).contiguous()
-        elif not want_master and "master_param" in state:
-            del state["master_param"]
+        self._init_master(p, state, group, f"group {gi} param {pi}")
         for k in _MOMENT_KEYS:  # e.g. loaded from a state dict of another dtype/device
             t = state.get(k)
             if t is not None and (t.dtype != torch.float32 or t.device != p.device
@@ -172,11 +209,57 @@ class FusedAdamW(torch.optim.Optimizer):
         return state
 
     @staticmethod
+    def _init_master(p: Tensor, state: dict, group: dict, where: str) -> None:
+        """Create or convert the master of ``p`` in ``state`` for the group's settings.
+
+        Sources, first found: a master already in ``state`` (either format: converted exactly),
+        the fp32 source values attached by fastft.precision.attach_fp32_sources (consumed once),
+        the param itself. A new split master sets the bf16 param to the master's high half."""
+        want = group["master_weights"] and p.dtype != torch.float32
+        split = want and p.dtype == torch.bfloat16 and group["master_format"] == "split"
+        init = p.__dict__.pop("_fastft_master_init", None)
+        if init is not None and (init.shape != p.shape or init.dtype != torch.float32):
+            init = None
+        lo, full = state.get("master_lo"), state.get("master_param")
+        if lo is not None and lo.dtype != torch.int16:
+            raise UserError(f"FusedAdamW: state 'master_lo' of {where} has dtype {lo.dtype}, expected "
+                            "torch.int16 (a split-master state dict that went through an optimizer "
+                            "which cast it?)")
+        if lo is not None and lo.shape != p.shape:
+            raise UserError(f"FusedAdamW: state 'master_lo' of {where} has shape {tuple(lo.shape)}, "
+                            f"expected {tuple(p.shape)}")
+        if not want:
+            state.pop("master_lo", None)
+            state.pop("master_param", None)
+        elif split:
+            if lo is None:
+                src = full if full is not None else init
+                if src is None:
+                    lo = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.contiguous_format)
+                else:  # the master is the truth: the param becomes its high half
+                    hi, lo = split_master_encode(src.detach().to(device=p.device, dtype=torch.float32))
+                    p.data.copy_(hi)
+            state["master_lo"] = lo.to(p.device).contiguous()
+            state.pop("master_param", None)
+        else:
+            if full is None:
+                if lo is not None:
+                    if p.dtype != torch.bfloat16:
+                        raise UserError(f"FusedAdamW: {where} has dtype {p.dtype} but its state holds a "
+                                        "split master ('master_lo'), which only a bf16 param can have")
+                    full = split_master_decode(p.detach(), lo.to(p.device))
+                else:
+                    full = init.to(p.device) if init is not None else p.detach().float()
+            state["master_param"] = full.contiguous()
+            state.pop("master_lo", None)
+
+    @staticmethod
     def _signature(state: dict) -> tuple:
         # ids of the state tensors: a replaced tensor (e.g. someone assigning state["exp_avg"])
         # forces the full dtype/shape/device check and new raw pointers
         return (id(state.get("step")), id(state.get("exp_avg")), id(state.get("exp_avg_sq")),
-                id(state.get("max_exp_avg_sq")), id(state.get("master_param")))
+                id(state.get("max_exp_avg_sq")), id(state.get("master_param")),
+                id(state.get("master_lo")))
 
     def _collect(self) -> list[AdamWGroup]:
         groups = []
@@ -215,7 +298,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 v.append(st["exp_avg_sq"])
                 if group["amsgrad"]:
                     vmax.append(st["max_exp_avg_sq"])
-                masters.append(st.get("master_param"))
+                masters.append(st["master_lo"] if "master_lo" in st else st.get("master_param"))
                 steps.append(st["step"])
             beta1, beta2 = group["betas"]
             ag = AdamWGroup(params, grads, m, v, vmax, masters, steps, group["lr"], float(beta1),

@@ -96,13 +96,15 @@ class CausalLMLoss(nn.Module):
 
 
 def build_optimizer(groups: list[dict], cfg_train, low_precision: bool) -> torch.optim.Optimizer:
-    """FusedAdamW over the groups: fused global-norm clipping, fp32 masters for bf16/fp16 params."""
+    """FusedAdamW over the groups: fused global-norm clipping, fp32-exact masters for bf16/fp16
+    params (bf16: ``train.master_format``, split by default; fp16: always a full fp32 copy)."""
     from fastft.optim import FusedAdamW
 
     clean = [{**{k: v for k, v in g.items() if k != "names"}, "base_lr": g["lr"]} for g in groups]
     return FusedAdamW(clean, lr=cfg_train.lr, betas=(cfg_train.adam_beta1, cfg_train.adam_beta2),
                       eps=cfg_train.adam_eps, weight_decay=cfg_train.weight_decay,
-                      max_grad_norm=cfg_train.max_grad_norm or None, master_weights=low_precision)
+                      max_grad_norm=cfg_train.max_grad_norm or None, master_weights=low_precision,
+                      master_format=cfg_train.master_format)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

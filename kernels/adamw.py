@@ -7,6 +7,9 @@ device, so nothing here synchronises with the host:
 * ``table`` fp32[n,3] = per parameter (-lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd)
 
 A skipped step masks every load and store, so a non-finite norm changes nothing.
+Split masters (``SPLIT``): the bf16 param, passed as int16 bits, is the high half of the fp32
+master and ``w_ptr`` its int16 low half (fastft/ops/adamw.py ``split_master_encode``); the bit
+arithmetic is on uint32, whose wrap-around is defined (int32 overflow is not).
 Per-element maths follows csrc/include/fastft/adamw.h (torch.optim.AdamW's operation order),
 with correctly rounded division and square root (``div_rn``/``sqrt_rn``): Triton's default
 ``/`` and ``sqrt`` are approximate on GPUs and would drift from the reference.
@@ -35,9 +38,10 @@ def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr, n,
                   w1, beta2, omb2, eps,
-                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  MANUAL_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
-    # p: (n,) param dtype; g: (n,) param dtype or fp32; m, v, vmax, w (master): (n,) fp32
+                  AMSGRAD: tl.constexpr, MASTER: tl.constexpr, SPLIT: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
+    # p: (n,) param dtype (int16 bits of a bf16 param when SPLIT); g: (n,) param dtype or fp32;
+    # m, v, vmax: (n,) fp32; w: (n,) fp32 master, or int16 low half when SPLIT
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     skip = tl.load(ctrl_ptr)
@@ -49,7 +53,11 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * mult
     if MAXIMIZE:
         g = -g
-    if MASTER:
+    if SPLIT:  # b = (uint32(hi) << 16) + int32(lo), mod 2^32
+        hi = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+        lo = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int32).to(tl.uint32, bitcast=True)
+        p = ((hi << 16) + lo).to(tl.float32, bitcast=True)
+    elif MASTER:
         p = tl.load(w_ptr + offs, mask=mask, other=0.0)
     else:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +80,12 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr
     tl.store(v_ptr + offs, v, mask=mask)
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
-    if MANUAL_BF16_RNE:
+    if SPLIT:  # hi = (b + 0x8000) >> 16, lo = the low 16 bits of b read as int16
+        b = p.to(tl.uint32, bitcast=True)
+        hi = (b + 0x8000) >> 16
+        tl.store(p_ptr + offs, hi.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        tl.store(w_ptr + offs, (b & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    elif MANUAL_BF16_RNE:
         # Interpreter only: its fp32->bf16 cast truncates (triton 3.9 interpreter.py cast_impl),
         # so round to nearest even by hand; on GPUs the cast below is already RNE.
         bits = p.to(tl.uint32, bitcast=True)
@@ -110,11 +123,16 @@ def adamw_triton(groups, ctrl: torch.Tensor, table: torch.Tensor) -> None:
             n = p.numel()
             if n:
                 master = g.masters[i]
+                split = master is not None and master.dtype == torch.int16
+                if split and p.dtype != torch.bfloat16:
+                    raise ValueError(f"adamw_triton: param {i} has a split (int16) master but dtype "
+                                     f"{p.dtype}; split masters need bf16 params")
                 vmax = g.max_exp_avg_sqs[i] if g.amsgrad else g.exp_avg_sqs[i]
                 _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-                    p, g.grads[i], g.exp_avgs[i], g.exp_avg_sqs[i], vmax,
-                    master if master is not None else g.exp_avgs[i], ctrl, table[row], n,
-                    w1, beta2, omb2, g.eps,
-                    AMSGRAD=g.amsgrad, MASTER=master is not None, MAXIMIZE=g.maximize,
+                    p.view(torch.int16) if split else p, g.grads[i], g.exp_avgs[i],
+                    g.exp_avg_sqs[i], vmax, master if master is not None else g.exp_avgs[i],
+                    ctrl, table[row], n, w1, beta2, omb2, g.eps,
+                    AMSGRAD=g.amsgrad, MASTER=master is not None and not split, SPLIT=split,
+                    MAXIMIZE=g.maximize,
                     MANUAL_BF16_RNE=interpret and p.dtype == torch.bfloat16, BLOCK=BLOCK)
             row += 1

@@ -92,6 +92,7 @@ struct ParamPtrs {
   float* v;
   float* vmax;    // nullptr unless amsgrad
   float* master;  // nullptr unless a fp32 master copy exists
+  int16_t* lo;    // nullptr unless a split master (bf16 param = high half, this = low half)
   int pdt, gdt;
   bool amsgrad;
 };
@@ -126,9 +127,42 @@ inline __attribute__((always_inline)) void update_span(const ParamPtrs& t, const
   }
 }
 
+// bf16 param with a split master (adamw.h: split_master_decode/encode): reads and writes the param
+// and its int16 low half, 8 bytes/param instead of the fp32 master's 10 (4 + 4 + the param write).
+template <int GD, bool AMS>
+inline __attribute__((always_inline)) void update_span_split(const ParamPtrs& t, const AdamWScalars& s,
+                                                             int64_t start, int64_t len) {
+  using G = Elem<GD>;
+  auto* p = static_cast<uint16_t*>(t.p) + start;
+  const auto* g = static_cast<const typename G::T*>(t.g) + start;
+  int16_t* lo = t.lo + start;
+  float* m = t.m + start;
+  float* v = t.v + start;
+  float* vm = AMS ? t.vmax + start : nullptr;
+  const AdamWScalars sc = s;
+#pragma omp simd simdlen(16)
+  for (int64_t i = 0; i < len; ++i) {
+    uint16_t hi = p[i];
+    int16_t l = lo[i];
+    float mi = m[i], vi = v[i];
+    float vmi = AMS ? vm[i] : 0.0f;
+    adamw_update_split<AMS>(hi, l, G::load(g, i), mi, vi, vmi, sc);
+    m[i] = mi;
+    v[i] = vi;
+    if (AMS) vm[i] = vmi;
+    p[i] = hi;
+    lo[i] = l;
+  }
+}
+
 template <int PD, int GD>
 inline __attribute__((always_inline)) void update_dt(const ParamPtrs& t, const AdamWScalars& s,
                                                      int64_t start, int64_t len) {
+  if (PD == kBFloat16 && t.lo != nullptr) {
+    if (t.amsgrad) update_span_split<GD, true>(t, s, start, len);
+    else update_span_split<GD, false>(t, s, start, len);
+    return;
+  }
   const bool master = t.master != nullptr;
   if (t.amsgrad) {
     if (master) update_span<PD, GD, true, true>(t, s, start, len);
@@ -205,7 +239,9 @@ double grad_sumsq(const std::vector<uintptr_t>& g, const std::vector<int64_t>& n
 // The fused step. Returns (pre-clip global L2 norm of the unscaled gradients or -1 when not
 // clipping, skipped). hparams[k] = (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize) for
 // group k; group[i] says which group parameter i belongs to. step[i] points at the float32
-// step counter of parameter i, incremented here unless the step is skipped.
+// step counter of parameter i, incremented here unless the step is skipped. master[i] is 0 (no
+// master), an fp32 master, or with master_split[i] != 0 the int16 low half of a bf16 param's split
+// master (empty master_split: no split masters).
 py::tuple adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g,
                      const std::vector<uintptr_t>& m, const std::vector<uintptr_t>& v,
                      const std::vector<uintptr_t>& vmax, const std::vector<uintptr_t>& master,
@@ -213,8 +249,9 @@ py::tuple adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_
                      const std::vector<int>& pdt, const std::vector<int>& gdt,
                      const std::vector<int>& group,
                      const std::vector<std::tuple<double, double, double, double, double, bool, bool>>& hparams,
-                     double max_norm, double inv_grad_scale) {
+                     double max_norm, double inv_grad_scale, const std::vector<int>& master_split) {
   const size_t n = p.size();
+  if (!master_split.empty()) check_sizes(n, {{"master_split", master_split.size()}});
   check_sizes(n, {{"grad", g.size()}, {"exp_avg", m.size()}, {"exp_avg_sq", v.size()},
                   {"max_exp_avg_sq", vmax.size()}, {"master", master.size()}, {"step", step.size()},
                   {"numel", numel.size()}, {"param_dtype", pdt.size()}, {"grad_dtype", gdt.size()},
@@ -222,6 +259,10 @@ py::tuple adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_
   for (size_t i = 0; i < n; ++i)
     if (group[i] < 0 || static_cast<size_t>(group[i]) >= hparams.size())
       throw std::invalid_argument("adamw: group index out of range for parameter " + std::to_string(i));
+  for (size_t i = 0; i < master_split.size(); ++i)
+    if (master_split[i] && (pdt[i] != kBFloat16 || (master[i] == 0 && numel[i] != 0)))
+      throw std::invalid_argument("adamw: parameter " + std::to_string(i) +
+                                  " has a split master but is not bf16 or has no master pointer");
   std::vector<Chunk> chunks = make_chunks(numel);
   double norm = -1.0, mult = inv_grad_scale;
   bool skipped = false;
@@ -243,10 +284,12 @@ py::tuple adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_
         *st += 1.0f;  // torch: step_t += 1 on a float32 tensor
         sc[i] = adamw_scalars(std::get<0>(h), std::get<1>(h), std::get<2>(h), std::get<3>(h),
                               std::get<4>(h), static_cast<double>(*st), mult, std::get<6>(h));
+        const bool split = !master_split.empty() && master_split[i] != 0;
         tp[i] = {reinterpret_cast<void*>(p[i]), reinterpret_cast<const void*>(g[i]),
                  reinterpret_cast<float*>(m[i]), reinterpret_cast<float*>(v[i]),
                  std::get<5>(h) ? reinterpret_cast<float*>(vmax[i]) : nullptr,
-                 reinterpret_cast<float*>(master[i]), pdt[i], gdt[i], std::get<5>(h)};
+                 split ? nullptr : reinterpret_cast<float*>(master[i]),
+                 split ? reinterpret_cast<int16_t*>(master[i]) : nullptr, pdt[i], gdt[i], std::get<5>(h)};
       }
       const int64_t nc = static_cast<int64_t>(chunks.size());
       int64_t elems = 0;
@@ -275,6 +318,7 @@ void register_adamw(py::module_& m) {
         py::arg("exp_avg_sq"), py::arg("max_exp_avg_sq"), py::arg("master"), py::arg("step"),
         py::arg("numel"), py::arg("param_dtype"), py::arg("grad_dtype"), py::arg("group"),
         py::arg("hparams"), py::arg("max_norm"), py::arg("inv_grad_scale"),
+        py::arg("master_split") = std::vector<int>{},
         "Fused clip + AdamW step over all parameters; returns (pre-clip norm or -1, skipped).");
   m.def("adamw_num_threads", []() { return omp_get_max_threads(); });
 }

@@ -7,6 +7,8 @@
 // grad scale) are read from `ctrl` (fp32[2]) and the per-tensor bias corrections from `table`
 // (fp32[n, 3] = -lr/(1-beta1^t), sqrt(1-beta2^t), 1-lr*wd), prepared on the device by
 // fastft/ops/adamw.py. The per-element maths is csrc/include/fastft/adamw.h (shared with the CPU).
+// Master kinds (template MK): none, fp32 master, or a split master for bf16 params (w = int16 low
+// half of the fp32 master whose high half is the bf16 param; adamw.h adamw_update_split).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -24,6 +26,7 @@ constexpr int kMaxTensors = 24;   // 7 pointer arrays * 24 * 8 B + maps < 4 KiB 
 constexpr int kMaxBlocks = 320;
 constexpr int64_t kChunk = 65536;  // elements per block
 constexpr int kThreads = 512;
+enum MasterKind : int { kNoMaster = 0, kFp32Master = 1, kSplitMaster = 2 };
 
 struct AdamWMeta {
   void* p[kMaxTensors];
@@ -31,7 +34,7 @@ struct AdamWMeta {
   float* m[kMaxTensors];
   float* v[kMaxTensors];
   float* vmax[kMaxTensors];
-  float* w[kMaxTensors];
+  void* w[kMaxTensors];  // float* master, int16_t* split low half, or unused
   const float* tab[kMaxTensors];
   int64_t n[kMaxTensors];
   unsigned char tensor_of_block[kMaxBlocks];
@@ -45,7 +48,7 @@ struct SumsqMeta {
   int chunk_of_block[kMaxBlocks];
 };
 
-template <int PD, int GD, bool AMS, bool MASTER>
+template <int PD, int GD, bool AMS, int MK>
 __global__ void __launch_bounds__(kThreads)
 adamw_mt_kernel(AdamWMeta meta, const float* __restrict__ ctrl, float w1, float beta2, float omb2,
                 float eps, bool maximize) {
@@ -70,7 +73,25 @@ adamw_mt_kernel(AdamWMeta meta, const float* __restrict__ ctrl, float w1, float 
   float* m = meta.m[t];
   float* v = meta.v[t];
   float* vm = meta.vmax[t];
-  float* w = meta.w[t];
+  if constexpr (MK == kSplitMaster) {
+    static_assert(PD == fastft::kBFloat16, "split masters are for bf16 params only");
+    auto* lo = static_cast<int16_t*>(meta.w[t]);
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+      uint16_t hi = p[i];
+      int16_t l = lo[i];
+      float mi = m[i], vi = v[i];
+      float vmi = AMS ? vm[i] : 0.0f;
+      fastft::adamw_update_split<AMS>(hi, l, G::load(g, i), mi, vi, vmi, s);
+      m[i] = mi;
+      v[i] = vi;
+      if (AMS) vm[i] = vmi;
+      p[i] = hi;
+      lo[i] = l;
+    }
+    return;
+  }
+  constexpr bool MASTER = MK == kFp32Master;
+  float* w = static_cast<float*>(meta.w[t]);
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     float pv = MASTER ? w[i] : P::load(p, i);
     float mi = m[i], vi = v[i];
@@ -109,7 +130,7 @@ sumsq_mt_kernel(SumsqMeta meta, double* __restrict__ partial) {
   }
 }
 
-template <int PD, int GD, bool AMS, bool MASTER>
+template <int PD, int GD, bool AMS, int MK>
 int launch_adamw(const std::vector<int>& idx, const uintptr_t* p, const uintptr_t* g,
                  const uintptr_t* m, const uintptr_t* v, const uintptr_t* vmax, const uintptr_t* w,
                  const int64_t* numel, const float* table, const float* ctrl, float w1, float beta2,
@@ -124,7 +145,7 @@ int launch_adamw(const std::vector<int>& idx, const uintptr_t* p, const uintptr_
     meta.m[nt] = reinterpret_cast<float*>(m[i]);
     meta.v[nt] = reinterpret_cast<float*>(v[i]);
     meta.vmax[nt] = reinterpret_cast<float*>(vmax[i]);
-    meta.w[nt] = reinterpret_cast<float*>(w[i]);
+    meta.w[nt] = reinterpret_cast<void*>(w[i]);
     meta.tab[nt] = table + 3 * i;
     meta.n[nt] = numel[i];
     const int64_t chunks = (numel[i] + kChunk - 1) / kChunk;
@@ -134,7 +155,7 @@ int launch_adamw(const std::vector<int>& idx, const uintptr_t* p, const uintptr_
       ++nb;
       const bool last_chunk = c == chunks - 1;
       if (nb == kMaxBlocks || (last_chunk && nt + 1 == kMaxTensors)) {
-        adamw_mt_kernel<PD, GD, AMS, MASTER><<<nb, kThreads, 0, stream>>>(meta, ctrl, w1, beta2, omb2, eps, maximize);
+        adamw_mt_kernel<PD, GD, AMS, MK><<<nb, kThreads, 0, stream>>>(meta, ctrl, w1, beta2, omb2, eps, maximize);
         nb = 0;
         if (last_chunk) {
           nt = -1;  // tensor finished: start a fresh tensor list
@@ -148,20 +169,33 @@ int launch_adamw(const std::vector<int>& idx, const uintptr_t* p, const uintptr_
     }
     ++nt;
   }
-  if (nb > 0) adamw_mt_kernel<PD, GD, AMS, MASTER><<<nb, kThreads, 0, stream>>>(meta, ctrl, w1, beta2, omb2, eps, maximize);
+  if (nb > 0) adamw_mt_kernel<PD, GD, AMS, MK><<<nb, kThreads, 0, stream>>>(meta, ctrl, w1, beta2, omb2, eps, maximize);
   return static_cast<int>(cudaGetLastError());
 }
 
+template <int PD, int GD, int MK>
+int launch_adamw_ams(bool ams, const std::vector<int>& idx, const uintptr_t* p, const uintptr_t* g,
+                     const uintptr_t* m, const uintptr_t* v, const uintptr_t* vmax, const uintptr_t* w,
+                     const int64_t* numel, const float* table, const float* ctrl, float w1, float beta2,
+                     float omb2, float eps, bool maximize, cudaStream_t st) {
+  if (ams) return launch_adamw<PD, GD, true, MK>(idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
+  return launch_adamw<PD, GD, false, MK>(idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
+}
+
 template <int PD, int GD>
-int launch_adamw_flags(bool ams, bool master, const std::vector<int>& idx, const uintptr_t* p,
+int launch_adamw_flags(bool ams, int mk, const std::vector<int>& idx, const uintptr_t* p,
                        const uintptr_t* g, const uintptr_t* m, const uintptr_t* v,
                        const uintptr_t* vmax, const uintptr_t* w, const int64_t* numel,
                        const float* table, const float* ctrl, float w1, float beta2, float omb2,
                        float eps, bool maximize, cudaStream_t st) {
-  if (ams && master) return launch_adamw<PD, GD, true, true>(idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
-  if (ams) return launch_adamw<PD, GD, true, false>(idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
-  if (master) return launch_adamw<PD, GD, false, true>(idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
-  return launch_adamw<PD, GD, false, false>(idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
+  if (mk == kSplitMaster) {
+    if constexpr (PD == fastft::kBFloat16)
+      return launch_adamw_ams<PD, GD, kSplitMaster>(ams, idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
+    return -1;  // split masters are for bf16 params only (validated in Python)
+  }
+  if (mk == kFp32Master)
+    return launch_adamw_ams<PD, GD, kFp32Master>(ams, idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
+  return launch_adamw_ams<PD, GD, kNoMaster>(ams, idx, p, g, m, v, vmax, w, numel, table, ctrl, w1, beta2, omb2, eps, maximize, st);
 }
 
 template <int GD>
@@ -227,23 +261,31 @@ extern "C" int fastft_cuda_adamw_step(int n, const uintptr_t* p, const uintptr_t
                                       const uintptr_t* v, const uintptr_t* vmax, const uintptr_t* w,
                                       const int64_t* numel, const int* pdt, const int* gdt,
                                       uintptr_t table, uintptr_t ctrl, float w1, float beta2,
-                                      float eps, int amsgrad, int maximize, uintptr_t stream) {
+                                      float eps, int amsgrad, int maximize, uintptr_t stream,
+                                      const int* master_split) {
   const auto* tab = reinterpret_cast<const float*>(table);
   const auto* ctl = reinterpret_cast<const float*>(ctrl);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const float omb2 = 1.0f - beta2;
-  // One template instance per (param dtype, grad dtype, master) combination present.
+  // One template instance per (param dtype, grad dtype, master kind) combination present.
+  // master_split may be null (no split masters).
+  auto kind = [&](int i) {
+    if (w[i] == 0) return static_cast<int>(kNoMaster);
+    return master_split != nullptr && master_split[i] ? static_cast<int>(kSplitMaster)
+                                                      : static_cast<int>(kFp32Master);
+  };
   for (int pd = 0; pd < 3; ++pd)
     for (int gd = 0; gd < 3; ++gd)
-      for (int ms = 0; ms < 2; ++ms) {
+      for (int mk = 0; mk < 3; ++mk) {
         std::vector<int> idx;
         for (int i = 0; i < n; ++i)
-          if (pdt[i] == pd && gdt[i] == gd && (w[i] != 0) == (ms == 1)) idx.push_back(i);
+          if (pdt[i] == pd && gdt[i] == gd && kind(i) == mk) idx.push_back(i);
         if (idx.empty()) continue;
-        const bool ams = amsgrad != 0, mx = maximize != 0, master = ms == 1;
+        const bool ams = amsgrad != 0, mx = maximize != 0;
+        const int master = mk;
         int err = 0;
         if (pd == fastft::kFloat32 && gd == fastft::kFloat32)
-          err = launch_adamw_flags<fastft::kFloat32, fastft::kFloat32>(ams, false, idx, p, g, m, v, vmax, w, numel, tab, ctl, w1, beta2, omb2, eps, mx, st);
+          err = launch_adamw_flags<fastft::kFloat32, fastft::kFloat32>(ams, kNoMaster, idx, p, g, m, v, vmax, w, numel, tab, ctl, w1, beta2, omb2, eps, mx, st);
         else if (pd == fastft::kBFloat16 && gd == fastft::kBFloat16)
           err = launch_adamw_flags<fastft::kBFloat16, fastft::kBFloat16>(ams, master, idx, p, g, m, v, vmax, w, numel, tab, ctl, w1, beta2, omb2, eps, mx, st);
         else if (pd == fastft::kBFloat16 && gd == fastft::kFloat32)

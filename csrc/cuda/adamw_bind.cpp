@@ -35,7 +35,7 @@ void adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g
                 const std::vector<uintptr_t>& v, const std::vector<uintptr_t>& vmax,
                 const std::vector<uintptr_t>& w, const std::vector<int64_t>& numel, const std::vector<int>& pdt,
                 const std::vector<int>& gdt, uintptr_t table, uintptr_t ctrl, double w1, double beta2, double eps,
-                bool amsgrad, bool maximize, uintptr_t stream) {
+                bool amsgrad, bool maximize, uintptr_t stream, const std::vector<int>& master_split) {
   const size_t n = p.size();
   check_len(n, g.size(), "grads");
   check_len(n, m.size(), "exp_avg");
@@ -45,9 +45,15 @@ void adamw_step(const std::vector<uintptr_t>& p, const std::vector<uintptr_t>& g
   check_len(n, numel.size(), "numel");
   check_len(n, pdt.size(), "param_dtype");
   check_len(n, gdt.size(), "grad_dtype");
+  if (!master_split.empty()) check_len(n, master_split.size(), "master_split");
+  for (size_t i = 0; i < master_split.size(); ++i)
+    if (master_split[i] && (pdt[i] != 1 || (w[i] == 0 && numel[i] != 0)))  // 1 = bf16 (fastft/_backend.py DTYPE_CODES)
+      throw std::invalid_argument("adamw: parameter " + std::to_string(i) +
+                                  " has a split master but is not bf16 or has no master pointer");
   check(fastft_cuda_adamw_step(static_cast<int>(n), p.data(), g.data(), m.data(), v.data(), vmax.data(), w.data(),
                                numel.data(), pdt.data(), gdt.data(), table, ctrl, static_cast<float>(w1),
-                               static_cast<float>(beta2), static_cast<float>(eps), amsgrad, maximize, stream),
+                               static_cast<float>(beta2), static_cast<float>(eps), amsgrad, maximize, stream,
+                               master_split.empty() ? nullptr : master_split.data()),
         "adamw_step");
 }
 
@@ -61,6 +67,7 @@ void register_adamw(py::module_& m) {
         py::arg("max_exp_avg_sq"), py::arg("master"), py::arg("numel"), py::arg("param_dtype"),
         py::arg("grad_dtype"), py::arg("table"), py::arg("ctrl"), py::arg("w1"), py::arg("beta2"), py::arg("eps"),
         py::arg("amsgrad"), py::arg("maximize"), py::arg("stream"),
+        py::arg("master_split") = std::vector<int>{},
         "Multi-tensor AdamW update of one group; scalars on the device (table, ctrl).");
 }
 

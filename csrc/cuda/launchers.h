@@ -11,4 +11,5 @@ extern "C" int fastft_cuda_adamw_step(int n, const uintptr_t* p, const uintptr_t
                                       const uintptr_t* v, const uintptr_t* vmax, const uintptr_t* w,
                                       const int64_t* numel, const int* pdt, const int* gdt,
                                       uintptr_t table, uintptr_t ctrl, float w1, float beta2, float eps,
-                                      int amsgrad, int maximize, uintptr_t stream);
+                                      int amsgrad, int maximize, uintptr_t stream,
+                                      const int* master_split);  // per param: w[i] is a split low half

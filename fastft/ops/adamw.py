@@ -14,6 +14,12 @@ step counter changes. Moments are fp32 for every parameter dtype; bf16/fp16 para
 carry an fp32 master copy (updated, then rounded into the parameter) or are updated in fp32 and
 rounded straight back.
 
+"Split" masters (bf16 parameters only): the bf16 parameter is the high half of its fp32 master and
+an int16 tensor holds the low half (:func:`split_master_encode`), 2 bytes/param instead of 4. The
+master is still exactly fp32 and every step's maths is bit-identical to the fp32-master path; the
+bf16 parameter differs from that path's round-to-nearest-even only when the master's low half is
+exactly 0x8000 (a tie, rounded away from zero here; probability 2^-16 per element and step).
+
 Backends (one choice, :func:`fused_adamw`): ``cpu`` (csrc/cpu/adamw.cpp, one C++ call for all
 parameters), ``triton`` (kernels/adamw.py), ``cuda`` (csrc/cuda/adamw.cu, multi-tensor launch),
 ``torch`` (:func:`adamw_reference`, ``torch._foreach_*``: the fallback and the test oracle).
@@ -33,7 +39,7 @@ from fastft import _backend
 from fastft.errors import UserError
 
 __all__ = ["AdamWGroup", "StepResult", "adamw_reference", "clip_grad_norm_", "fused_adamw",
-           "grad_norm", "kernel_dtype_ok"]
+           "grad_norm", "kernel_dtype_ok", "split_master_decode", "split_master_encode"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -44,9 +50,11 @@ class AdamWGroup:
 
     Every list has one entry per parameter (all on one device). ``params[i]``: any shape, fp32,
     bf16 or fp16, contiguous. ``grads[i]``: same shape, the param dtype or fp32, contiguous.
-    ``exp_avgs``/``exp_avg_sqs``/``max_exp_avg_sqs``/``masters``: same shape, fp32 (``masters[i]``
-    is None for fp32 params or without master weights; ``max_exp_avg_sqs`` is empty unless
-    amsgrad). ``steps[i]``: 0-dim fp32 counter on the param's device, incremented by the step.
+    ``exp_avgs``/``exp_avg_sqs``/``max_exp_avg_sqs``: same shape, fp32 (``max_exp_avg_sqs`` is
+    empty unless amsgrad). ``masters[i]``: None (fp32 params, or no master weights), an fp32
+    master of the same shape, or for a bf16 param an int16 tensor of the same shape holding the
+    low half of a split master (module docstring). ``steps[i]``: 0-dim fp32 counter on the
+    param's device, incremented by the step.
     """
 
     params: list[Tensor]
@@ -81,6 +89,58 @@ def kernel_dtype_ok(t: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Split masters: bf16 param = high half of the fp32 master, int16 = low half
+# ----------------------------------------------------------------------------------------------
+def split_master_encode(master: Tensor) -> tuple[Tensor, Tensor]:
+    """Split fp32 masters (any shape) into (bf16 high half, int16 low half), both of its shape.
+
+    With ``b`` the uint32 bit pattern: ``hi = (b + 0x8000) >> 16`` (round half away from zero on
+    the magnitude: torch's round-to-nearest-even except at exact ties) and ``lo = int16(b - (hi
+    << 16))``, which is the low 16 bits of ``b`` read as signed. Exact for every bit pattern (see
+    :func:`split_master_decode`); a NaN's ``hi`` is inf when its mantissa is below 0x8000 and
+    +-0 (wrap-around) when it is 0x7F8000 or more (non-finite masters never occur in training:
+    a non-finite grad norm skips the step).
+    int64 arithmetic: torch's int32 overflow is not defined to wrap.
+    """
+    if master.dtype != torch.float32:
+        raise TypeError(f"split_master_encode: master has dtype {master.dtype}, expected torch.float32")
+    b = master.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    hi = ((b + 0x8000) >> 16) & 0xFFFF  # uint32 wrap-around, as in the kernels
+    lo = b & 0xFFFF
+    as_int16 = lambda x: (x - ((x >> 15) << 16)).to(torch.int16)  # noqa: E731  two's complement
+    return as_int16(hi).view(torch.bfloat16), as_int16(lo)
+
+
+def split_master_decode(param: Tensor, lo: Tensor) -> Tensor:
+    """The fp32 master of a bf16 ``param`` and its int16 low half ``lo`` (same shape): a new
+    tensor with bit pattern ``(uint32(hi) << 16) + int32(lo)`` (mod 2^32)."""
+    if param.dtype != torch.bfloat16 or lo.dtype != torch.int16 or param.shape != lo.shape:
+        raise TypeError(f"split_master_decode: expected a bf16 param and an int16 low half of one shape, "
+                        f"got {param.dtype} {tuple(param.shape)} and {lo.dtype} {tuple(lo.shape)}")
+    hi = param.detach().contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    b = ((hi << 16) + lo.to(torch.int64)) & 0xFFFFFFFF
+    return (b - ((b >> 31) << 32)).to(torch.int32).view(torch.float32)
+
+
+def _is_split(m: Tensor | None) -> bool:
+    return m is not None and m.dtype == torch.int16
+
+
+def _check_master(p: Tensor, m: Tensor | None, where: str) -> None:
+    """A master must be fp32 (any low-precision param) or int16 (split, bf16 params only), of the
+    param's shape, contiguous and on its device: the kernels index it like the param."""
+    if m is None:
+        return
+    if m.dtype == torch.int16 and p.dtype != torch.bfloat16:
+        raise UserError(f"adamw: {where}: a split (int16) master needs a bf16 param, got {p.dtype}")
+    if m.dtype not in (torch.float32, torch.int16) or m.shape != p.shape or m.device != p.device \
+            or not m.is_contiguous():
+        raise UserError(f"adamw: {where}: master is {m.dtype} {tuple(m.shape)} on {m.device} "
+                        f"(contiguous={m.is_contiguous()}); expected a contiguous fp32 (or int16 "
+                        f"split low half) tensor of shape {tuple(p.shape)} on {p.device}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Reference (pure PyTorch, fp32 maths)
 # ----------------------------------------------------------------------------------------------
 def adamw_reference(g: AdamWGroup, grad_mult: float | Tensor = 1.0) -> None:
@@ -91,7 +151,10 @@ def adamw_reference(g: AdamWGroup, grad_mult: float | Tensor = 1.0) -> None:
     """
     if not g.params:
         return
-    work = [m if m is not None else p for p, m in zip(g.params, g.masters)]
+    for i, (p, m) in enumerate(zip(g.params, g.masters)):
+        _check_master(p, m, f"param {i}")
+    work = [p if m is None else split_master_decode(p, m) if _is_split(m) else m
+            for p, m in zip(g.params, g.masters)]
     low = [i for i, w in enumerate(work) if w.dtype != torch.float32]
     if low:  # low-precision params without a master: update an fp32 copy, round back below
         work = [w.float() if w.dtype != torch.float32 else w for w in work]
@@ -120,7 +183,12 @@ def adamw_reference(g: AdamWGroup, grad_mult: float | Tensor = 1.0) -> None:
     torch._foreach_addcdiv_(work, g.exp_avgs, denom, step_size)
     for i in low:
         g.params[i].copy_(work[i])
-    masters = [i for i, m in enumerate(g.masters) if m is not None]
+    for i, m in enumerate(g.masters):
+        if _is_split(m):
+            hi, lo = split_master_encode(work[i])
+            g.params[i].copy_(hi)
+            m.copy_(lo)
+    masters = [i for i, m in enumerate(g.masters) if m is not None and not _is_split(m)]
     if masters:
         torch._foreach_copy_([g.params[i] for i in masters], [g.masters[i] for i in masters])
 
@@ -238,7 +306,7 @@ def _step_cpu(groups, max_grad_norm, grad_scale, found_inf) -> StepResult:
         return StepResult(None if max_grad_norm is None else torch.tensor(float("nan")),
                           torch.tensor(True))
     inv_scale = 1.0 / _host_scalar(grad_scale, 1.0)
-    cols: list[list] = [[] for _ in range(11)]
+    cols: list[list] = [[] for _ in range(12)]
     hparams = []
     for k, g in enumerate(groups):
         ptrs = g.state_ptrs or _state_ptrs(g)
@@ -247,24 +315,28 @@ def _step_cpu(groups, max_grad_norm, grad_scale, found_inf) -> StepResult:
         cols[1] += [x.data_ptr() for x in gr]
         for c, col in enumerate(ptrs):
             cols[2 + c] += col
-        cols[9] += [_backend.DTYPE_CODES[x.dtype] for x in gr]
-        cols[10] += [k] * len(p)
+        cols[10] += [_backend.DTYPE_CODES[x.dtype] for x in gr]
+        cols[11] += [k] * len(p)
         hparams.append((float(g.lr), g.beta1, g.beta2, g.eps, g.weight_decay, g.amsgrad, g.maximize))
-    (p_, g_, m_, v_, vm_, w_, s_, n_, pd_, gd_, grp_) = cols
+    (p_, g_, m_, v_, vm_, w_, s_, n_, pd_, split_, gd_, grp_) = cols
     norm, skipped = _backend.cpu_ext().adamw_step(
         p_, g_, m_, v_, vm_, w_, s_, n_, pd_, gd_, grp_, hparams,
-        -1.0 if max_grad_norm is None else float(max_grad_norm), inv_scale)
+        -1.0 if max_grad_norm is None else float(max_grad_norm), inv_scale, split_)
     return StepResult(None if max_grad_norm is None else torch.tensor(norm, dtype=torch.float32),
                       torch.tensor(bool(skipped)))
 
 
 def _state_ptrs(g: AdamWGroup) -> tuple:
-    """(exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel, param dtype) pointer columns."""
+    """(exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel, param dtype, master is split)
+    columns; checks the masters (cached by FusedAdamW, so once per state change)."""
     n = len(g.params)
+    for i, (p, m) in enumerate(zip(g.params, g.masters)):
+        _check_master(p, m, f"param {i}")
     vmax = [x.data_ptr() for x in g.max_exp_avg_sqs] if g.amsgrad else [0] * n
     return ([x.data_ptr() for x in g.exp_avgs], [x.data_ptr() for x in g.exp_avg_sqs], vmax,
             [0 if m is None else m.data_ptr() for m in g.masters], [s.data_ptr() for s in g.steps],
-            [x.numel() for x in g.params], [_backend.DTYPE_CODES[x.dtype] for x in g.params])
+            [x.numel() for x in g.params], [_backend.DTYPE_CODES[x.dtype] for x in g.params],
+            [int(_is_split(m)) for m in g.masters])
 
 
 def _step_torch(groups, max_grad_norm, grad_scale, found_inf) -> StepResult:
@@ -325,6 +397,9 @@ def _device_prep(groups, max_grad_norm, grad_scale, found_inf, sumsq_fn):
 def _step_device(groups, max_grad_norm, grad_scale, found_inf, backend) -> StepResult:
     if backend == "triton":
         from fastft.kernels.adamw import adamw_triton, sumsq_triton
+        for g in groups:
+            for i, (p, m) in enumerate(zip(g.params, g.masters)):
+                _check_master(p, m, f"param {i}")
         norm, skip, ctrl, table = _device_prep(groups, max_grad_norm, grad_scale, found_inf,
                                                sumsq_triton)
         adamw_triton(groups, ctrl, table)
@@ -357,9 +432,9 @@ def _cuda_step(groups: list[AdamWGroup], ctrl: Tensor, table: Tensor) -> None:
         n = len(g.params)
         if n == 0:
             continue
-        m_, v_, vm_, w_, _s, numel, pdt = _state_ptrs(g)
+        m_, v_, vm_, w_, _s, numel, pdt, split = _state_ptrs(g)
         ext.adamw_step([x.data_ptr() for x in g.params], [x.data_ptr() for x in g.grads], m_, v_,
                        vm_, w_, numel, pdt, [_backend.DTYPE_CODES[x.dtype] for x in g.grads],
                        table[row:row + n].data_ptr(), ctrl.data_ptr(), 1.0 - g.beta1, g.beta2, g.eps,
-                       g.amsgrad, g.maximize, stream)
+                       g.amsgrad, g.maximize, stream, split)
         row += n

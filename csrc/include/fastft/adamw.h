@@ -137,6 +137,44 @@ FASTFT_HDI float adamw_update(float p, float g, float& m, float& v, float& vmax,
   return p + s.neg_step * div_rn(m, denom);
 }
 
+// ---- "split" fp32 masters for bf16 params --------------------------------------------------
+// A bf16 param already holds the top 16 bits of its fp32 master, so the master only needs its low
+// half stored next to it (2 bytes/param instead of 4). For a master with bit pattern b (uint32):
+//   hi = (b + 0x8000) >> 16            the bf16 param (round half away from zero on the magnitude:
+//                                       round-to-nearest-even except at exact ties, low half 0x8000)
+//   lo = int16(b - (hi << 16))          in [-0x8000, 0x7fff]
+// and decoding is b = (uint32(hi) << 16) + int32(lo) in uint32 wrap-around arithmetic. Float bit
+// patterns of one sign are monotonic in magnitude, so this is exact for every finite value, across
+// binade edges, for subnormals and negatives; the round trip is exact for *every* bit pattern
+// (mod 2^32), but the bf16 param of a NaN master shows inf when the NaN's mantissa is below 0x8000
+// and +-0 (wrap-around) when it is 0x7f8000 or more. Non-finite masters never arise in training:
+// a non-finite grad norm skips the step before anything is written.
+FASTFT_HDI float split_master_decode(uint16_t hi, int16_t lo) {
+  uint32_t b = (static_cast<uint32_t>(hi) << 16) + static_cast<uint32_t>(static_cast<int32_t>(lo));
+  float f;
+  memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+FASTFT_HDI void split_master_encode(float f, uint16_t& hi, int16_t& lo) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof(b));
+  uint32_t h = (b + 0x8000u) >> 16;
+  hi = static_cast<uint16_t>(h);
+  lo = static_cast<int16_t>(static_cast<uint16_t>(b - (h << 16)));  // two's complement low 16 bits
+}
+
+// One AdamW element update of a bf16 param with a split master: decode the fp32 master from
+// (hi = bf16 param bits, lo), run exactly adamw_update on it, encode the result back. The master
+// (and so the optimizer maths) is bit-identical to the fp32-master path; the bf16 param equals
+// that path's round-to-nearest-even except at exact ties (away from zero here).
+template <bool AMSGRAD>
+FASTFT_HDI void adamw_update_split(uint16_t& hi, int16_t& lo, float g, float& m, float& v, float& vmax,
+                                   const AdamWScalars& s) {
+  float out = adamw_update<AMSGRAD>(split_master_decode(hi, lo), g, m, v, vmax, s);
+  split_master_encode(out, hi, lo);
+}
+
 // Host-side computation of the per-parameter scalars from the hyperparameters and the step
 // count AFTER its increment (double precision, like torch's Python-float arithmetic).
 inline AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double wd,
