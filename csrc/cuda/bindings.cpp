@@ -12,6 +12,7 @@ __attribute__((weak)) void register_adamw(py::module_& m);
 __attribute__((weak)) void register_cross_entropy(py::module_& m);
 __attribute__((weak)) void register_int8_linear(py::module_& m);
 __attribute__((weak)) void register_elementwise(py::module_& m);
+__attribute__((weak)) void register_attention(py::module_& m);
 }  // namespace fastft_cuda
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -24,5 +25,6 @@ PYBIND11_MODULE(_C_cuda, m) {
     fastft_cuda::register_elementwise(m);
     for (const char* k : {"elementwise", "rms_norm", "swiglu", "rope"}) ops.append(k);
   }
+  if (fastft_cuda::register_attention) { fastft_cuda::register_attention(m); ops.append("attention"); }
   m.attr("ops") = ops;
 }
