@@ -98,7 +98,7 @@ def fwd_bwd(fn, inputs, const, grads):
     return outs
 
 
-def check(name, fn, inputs, const, grads, ref_fn, dtype, notes) -> bool:
+def check(name, fn, inputs, const, grads, ref_fn, dtype, notes, tol16: float = 2 ** -7) -> bool:
     """Output and input grads vs the fp32 reference on fp32 copies: max error relative to the
     largest reference value, against eager PyTorch's own error at this dtype."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
@@ -109,16 +109,18 @@ def check(name, fn, inputs, const, grads, ref_fn, dtype, notes) -> bool:
     for a, b in zip(list(outs) + [x.grad for x in leaves], list(routs) + [x.grad for x in f32]):
         errs.append(((a.float() - b.float()).abs().max() / b.abs().max()).item())
     err = max(errs)
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # one bf16 ulp relative to the max value
+    tol = 1e-5 if dtype == torch.float32 else tol16  # default: one bf16 ulp relative to the max value
     ok = err <= tol
     notes.append(f"{name}: max error vs fp32 reference {err:.2e} relative to max |ref| "
                  f"({'OK' if ok else 'FAIL'}, tol {tol:.3g})")
     return ok
 
 
-def run_op(op, dtype, args, rows, notes, compile_ok):
+def run_op(op, dtype, args, rows, notes, compile_ok, problem=make_problem, tol16: float = 2 ** -7):
+    """Check, then time fastft / eager / torch.compile of ``problem(op, dtype, tokens, gen)``
+    alternately (benchmarks/bench_attention.py passes its own problem)."""
     gen = torch.Generator().manual_seed(0)
-    inputs, const, grads, nbytes, fns = make_problem(op, dtype, args.tokens, gen)
+    inputs, const, grads, nbytes, fns = problem(op, dtype, args.tokens, gen)
     dname = str(dtype).replace("torch.", "")
     variants = {"fastft": fns["fastft"], "eager": fns["eager"]}
     if compile_ok:
@@ -133,7 +135,7 @@ def run_op(op, dtype, args, rows, notes, compile_ok):
         except Exception as e:  # noqa: BLE001 - report and go on without it
             notes.append(f"{op} {dname}: torch.compile failed ({type(e).__name__}: {str(e)[:120]})")
     for name, fn in variants.items():
-        if not check(f"{op} {dname} {name}", fn, inputs, const, grads, fns["ref"], dtype, notes):
+        if not check(f"{op} {dname} {name}", fn, inputs, const, grads, fns["ref"], dtype, notes, tol16):
             raise SystemExit(f"{op} {dname} {name}: wrong result, not timing")
     leaves = {n: [x.detach().clone().requires_grad_() for x in inputs] for n in variants}
     times = {n: [] for n in variants}
