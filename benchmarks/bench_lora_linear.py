@@ -8,7 +8,10 @@
 2. ``int8`` (bf16 run dtype): fastft LoRA layer on the int8 base vs on the bf16 base, time and
    weight memory. Targets: int8 weight bytes <= 0.3x fp32, time <= 1.2x the bf16 path.
 
-Correctness is checked first (fastft vs PEFT outputs and grads; int8 vs the fp32 reference),
+``torch.compile`` (unless ``--no-compile``) compiles the eager LoRA formula PEFT runs,
+``linear(x, W) + s * linear(linear(x, A), B)``, and joins the overhead case's alternation.
+
+Correctness is checked first (fastft and torch.compile vs PEFT outputs and grads; int8 vs the fp32 reference),
 then the variants of a case run alternately, ``--reps`` times; medians and the median of per-rep
 ratios are reported. Writes benchmarks/results/lora_linear.{csv,md}.
 """
@@ -70,7 +73,12 @@ def peft_layer(W: torch.Tensor, A, B, alpha: float, r: int):
     return layer
 
 
-def overhead_case(dtype, n, dim, r, reps, rows, notes):
+def eager_lora(x, W, A, B, s):
+    """PEFT's LoRA maths in plain PyTorch (dropout 0)."""
+    return F.linear(x, W) + s * F.linear(F.linear(x, A), B)
+
+
+def overhead_case(dtype, n, dim, r, reps, rows, notes, compile_ok=True):
     g = torch.Generator().manual_seed(0)
     W = (torch.randn(dim, dim, generator=g) / dim ** 0.5).to(dtype)
     A = nn.Parameter((torch.randn(r, dim, generator=g) / dim ** 0.5).to(dtype))
@@ -80,18 +88,30 @@ def overhead_case(dtype, n, dim, r, reps, rows, notes):
     alpha = 2.0 * r
     s = alpha / r
     peft = peft_layer(W, A.detach(), B.detach(), alpha, r)
-    # correctness: fastft vs PEFT, output and every grad
+    candidates = [("fastft", lambda t: lora_linear(t, W, A, B, s), A, B),
+                  ("peft", peft, peft.lora_A["default"].weight, peft.lora_B["default"].weight)]
+    if compile_ok:
+        t0 = time.perf_counter()
+        comp = torch.compile(eager_lora, dynamic=False)
+        try:
+            comp(x, W, A, B, s).backward(dy)
+            candidates.append(("torch.compile", lambda t: comp(t, W, A, B, s), A, B))
+            notes.append(f"overhead-{str(dtype).split('.')[-1]}: torch.compile of the eager LoRA formula, first "
+                         f"fwd+bwd {time.perf_counter() - t0:.1f} s (compilation)")
+        except Exception as e:  # noqa: BLE001 - report and go on without it
+            notes.append(f"torch.compile failed ({type(e).__name__}: {str(e)[:120]})")
+    # correctness: fastft (and torch.compile) vs PEFT, output and every grad
     out = {}
-    for name, fn, a, b in (("fastft", lambda t: lora_linear(t, W, A, B, s), A, B),
-                           ("peft", peft, peft.lora_A["default"].weight, peft.lora_B["default"].weight)):
+    for name, fn, a, b in candidates:
         x.grad = a.grad = b.grad = None
         y = fn(x)
         y.backward(dy)
         out[name] = [y.detach().float(), x.grad.float(), a.grad.float(), b.grad.float()]
-    for t_name, p, q in zip(("y", "dx", "dA", "dB"), out["fastft"], out["peft"]):
-        rel = ((p - q).norm() / q.norm()).item()
-        assert rel < (1e-5 if dtype == torch.float32 else 1e-2), (t_name, rel)
-    variants = {"base": lambda t: F.linear(t, W), "fastft": lambda t: lora_linear(t, W, A, B, s), "peft": peft}
+    for name in out:
+        for t_name, p, q in zip(("y", "dx", "dA", "dB"), out[name], out["peft"]):
+            rel = ((p - q).norm() / q.norm()).item()
+            assert rel < (1e-5 if dtype == torch.float32 else 1e-2), (name, t_name, rel)
+    variants = {"base": lambda t: F.linear(t, W), **{name: fn for name, fn, _, _ in candidates}}
     times = alternate(variants, x, dy, reps)
     base = statistics.median(times["base"])
     for k in variants:
@@ -140,6 +160,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-compile", action="store_true")
     a = ap.parse_args()
     import peft
     import transformers
@@ -151,8 +172,8 @@ def main() -> None:
     print(head)
     rows, notes = [], []
     load0 = os.getloadavg()[0]
-    overhead_case(torch.float32, a.n, a.dim, a.r, a.reps, rows, notes)
-    overhead_case(torch.bfloat16, a.n, a.dim, a.r, a.reps, rows, notes)
+    overhead_case(torch.float32, a.n, a.dim, a.r, a.reps, rows, notes, not a.no_compile)
+    overhead_case(torch.bfloat16, a.n, a.dim, a.r, a.reps, rows, notes, not a.no_compile)
     int8_case(a.n, a.dim, a.r, a.reps, rows, notes)
     notes.append(f"1-min load average at start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} on "
                  f"{os.cpu_count()} cores (a shared machine: the ratios, not the ms, are the result)")
