@@ -88,3 +88,18 @@ def test_model_flops_per_token():
     attn = 3 * 4 * 1 * 8 * 32
     assert model_flops_per_token(cfg, 32, "full") == 6 * macs + attn
     assert model_flops_per_token(cfg, 32, "lora") == 4 * macs + attn
+
+
+@pytest.mark.slow
+def test_bench_int8_runs_hf_on_bitsandbytes(tiny):
+    """--mode int8: the HF side loads its base through bitsandbytes' LLM.int8 (the stock int8
+    path), the fastft side through its own int8 base; both train and the curves agree."""
+    pytest.importorskip("bitsandbytes")
+    args = [sys.executable, "-m", "fastft.cli", "bench", "--model", str(tiny / "tiny"), "--mode", "int8",
+            "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--rounds", "1",
+            "--out", str(tiny / "int8"), "--history", str(tiny / "history8.csv")]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "int8 base via bitsandbytes" in p.stdout and "PASS: loss curves agree" in p.stdout
+    res = json.loads((tiny / "int8" / "results.json").read_text())
+    assert any("bitsandbytes" in n for n in res["hf"]["notes"])
