@@ -187,24 +187,32 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
              to_out(dq, dq_ptr.dtype.element_ty, MANUAL_BF16_RNE), mask=mmask)
 
 
-def _config(d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and the constexpr precision flags for head dim ``d``.
+# The interpreter runs one numpy call per block op, so fewer, larger tiles are faster there.
+_INTERPRETER_TILES = (32, 32, 4)  # BM, BN, num_warps
 
-    GPU tiles shrink as the head dim grows so the fp32 (tile, BD) accumulators stay in registers;
-    they are untuned (no GPU on the machine this was written on). The interpreter gets 32-row
-    tiles: it runs one numpy call per block op, so fewer, larger tiles are faster there."""
+
+def _gpu_tiles(bd: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BM, BN, num_warps) on a GPU for padded head dim ``bd``.
+
+    Chosen so every kernel's shared memory fits the 99 KB of sm_86/89 (sm_80 has 163 KB).
+    Compiled for sm_80 with triton 3.9, the 16-bit kernels take at most 73 KB at D <= 128 with
+    64x64 tiles and 80 KB at D = 256 with 32x32; the fp32 kernels (ieee dots, no tensor cores)
+    stage far more (64x64 at D = 128: 209 KB, over every GPU's limit), so they get 32x32 up to
+    D = 64 (52 KB), 32x16 at 128 (82 KB), 16x16 at 256 (97 KB). tests/test_attention_triton.py
+    compiles them for sm_80 (no GPU needed) and checks the limit; their speed is unmeasured (no
+    GPU on the machine this was written on)."""
+    if dtype == torch.float32:
+        return {64: (32, 32, 4), 128: (32, 16, 4), 256: (16, 16, 4)}[max(bd, 64)]
+    return {64: (64, 64, 4), 128: (64, 64, 4), 256: (32, 32, 8)}[max(bd, 64)]
+
+
+def _config(d: int, dtype: torch.dtype) -> dict:
+    """Launch parameters for head dim ``d``: tiles, warps and the constexpr precision flags."""
     if d > MAX_HEAD_DIM:
         raise ValueError(f"attention (triton): head dim {d} > {MAX_HEAD_DIM} is not supported")
     bd = max(16, triton.next_power_of_2(d))
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if interp:
-        bm, bn, warps = 32, 32, 4
-    elif bd <= 64:
-        bm, bn, warps = 64, 64, 4
-    elif bd <= 128:
-        bm, bn, warps = 64, 32, 4
-    else:
-        bm, bn, warps = 32, 32, 8
+    bm, bn, warps = _INTERPRETER_TILES if interp else _gpu_tiles(bd, dtype)
     flags = dict(UPCAST=interp and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
                  MANUAL_BF16_RNE=interp and dtype == torch.bfloat16)
     return dict(BM=bm, BN=bn, BD=bd, num_warps=warps, **flags)

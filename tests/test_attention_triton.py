@@ -111,3 +111,51 @@ def test_cuda_binding_rejects_bad_arguments_before_launch(bad, match):
         CUDA_EXT.attention_bwd(0, a["qs"], 0, s, 0, s, 0, s, 0, s, 0, 0, s, 0, s, 0, s, a["B"], a["Hq"], a["Hkv"],
                                a["T"], a["D"], 0.5, a["dtype"], 0)
     assert CUDA_EXT.attention_max_head_dim == 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [40, 72, 200])
+def test_gpu_tile_shapes_under_the_interpreter(d, dtype, monkeypatch):
+    """The GPU's tiles (BM != BN, 16-row tiles, 64-row tiles longer than T) run under the
+    interpreter too, so tile-size bookkeeping the default 32x32 tiles would hide is checked."""
+    from fastft.kernels import attention as kern
+    bd = max(16, 1 << (d - 1).bit_length())
+    monkeypatch.setattr(kern, "_INTERPRETER_TILES", kern._gpu_tiles(bd, dtype))
+    shape = (1, 3, 1, 45, d)
+    q, k, v, dout = _inputs(shape, dtype)
+    ref = _reference(q, k, v, dout)
+    ours = _run(_triton, q, k, v, dout)
+    torch_own = _run(_sdpa, q, k, v, dout) if dtype != torch.float32 else None
+    for i, (name, a, r) in enumerate(zip(NAMES, ours, ref)):
+        if torch_own is None:
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=2e-6 * max(r.abs().max().item(), 1.0), msg=name)
+        else:
+            err, terr = (a - r).abs().max().item(), (torch_own[i] - r).abs().max().item()
+            assert err <= 2 * terr + 1e-3 * r.abs().max().item(), f"{name}: {err:.3g} vs SDPA {terr:.3g}"
+
+
+def _ptxas_available() -> bool:
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("triton")
+    root = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    return os.path.exists(os.path.join(root, "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas not installed")
+def test_gpu_kernels_compile_for_sm80_within_99kb_shared_memory():
+    """Each kernel at each dtype and head-dim bucket compiles for sm_80 (no GPU needed) and its
+    shared memory fits the 99 KB of sm_86/89 (fp32 64x64 tiles at D = 128 would need 209 KB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_triton_sm80_compile.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(shared) == 3 * 3 * 4
+    over = {k: v for k, v in shared.items() if v > 99 * 1024}
+    assert not over, f"shared memory above 99 KB: {over}"
