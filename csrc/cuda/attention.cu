@@ -3,10 +3,11 @@
 // attn_lse in csrc/include/fastft/attention.h, which the CPU build and its tests share).
 //
 // Tiles: BT query rows and BT key rows (32 for head dims <= 128, 16 up to 256), held as fp32 in
-// dynamic shared memory with an odd row stride (D | 1) so the 32 lanes reading 32 different key
-// rows hit 32 banks. 128 threads per block; accumulators of a (BT x D) tile live in registers,
-// TPR = 128 / BT consecutive lanes per row, lane l holding columns l, l + TPR, ... (DMAX / TPR
-// of them: DMAX = 64/128/256 is the compile-time bound on D).
+// dynamic shared memory (at most 75 KB, dK/dV at D = 128: under the 99 KB of sm_86/89) with an
+// odd row stride (D | 1) so the 32 lanes reading 32 different key rows hit 32 banks. 128 threads
+// per block; accumulators of a (BT x D) tile live in registers, TPR = 128 / BT consecutive lanes
+// per row, lane l holding columns l, l + TPR, ... (DMAX / TPR of them: DMAX = 64/128/256 is the
+// compile-time bound on D).
 //
 // * forward: one block per (batch * query head, query tile); online softmax over the key tiles up
 //   to the diagonal; writes out and the fp32 lse.
@@ -15,9 +16,10 @@
 //   delta_i = do_i . o_i is recomputed per query tile (no scratch buffer to allocate).
 // * dQ: one block per (batch * query head, query tile), looping over the key tiles up to the
 //   diagonal.
-// Written for correctness and clarity, not peak speed (no tensor cores); it compiles here but has
-// never run (no GPU on the development machine). The Triton kernels (kernels/attention.py) are the
-// tested GPU path and come first in fastft/_backend.py.
+// Written for correctness and clarity, not peak speed (no tensor cores). It has never run on a GPU
+// (none on the development machine): tests/test_attention_cuda_emulated.py runs this file on CPU
+// threads through a small CUDA emulation (tests/cuda_emu/) against the reference. The Triton
+// kernels (kernels/attention.py) come first in fastft/_backend.py.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -341,8 +343,7 @@ template <int DT, int DMAX>
 int launch_fwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, uintptr_t v, const int64_t* vs,
                uintptr_t out, const int64_t* os, uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
                int64_t D, float scale, cudaStream_t st) {
-  using E = Elem<DT>;
-  using TT = typename E::T;
+  using TT = typename Elem<DT>::T;
   constexpr int BT = Cfg<DMAX>::BT;
   const int ld = static_cast<int>(D) | 1;
   const size_t smem = sizeof(float) * (2 * BT * ld + BT * (BT + 1));

@@ -10,7 +10,7 @@
 // number of times (uniform control flow), which the attention kernels guarantee (and the
 // emulation deadlocks rather than answering wrongly otherwise).
 // Checks a GPU would do: dynamic shared memory above 48 KB needs cudaFuncSetAttribute, and the
-// opt-in is capped at sm_80's 163 KB. The shared buffer is filled with a NaN before every block and
+// opt-in is capped at the 99 KB of sm_86/89. The shared buffer is filled with a NaN before every block and
 // followed by a guard zone of the same NaN whose bytes must still be intact after the launch, so a
 // read of shared memory nobody wrote (NaN in the results) or a write past the requested size shows up.
 #pragma once
@@ -43,7 +43,8 @@ struct EmuDim3 {
 inline thread_local EmuDim3 threadIdx, blockIdx;
 
 namespace emu {
-constexpr size_t kDefaultSmem = 48 * 1024, kMaxOptIn = 163 * 1024, kGuard = 4096;
+// opt-in cap: 99 KB on sm_86/89, which run the sm_80 binary (sm_80 itself allows 163 KB)
+constexpr size_t kDefaultSmem = 48 * 1024, kMaxOptIn = 99 * 1024, kGuard = 4096;
 inline cudaError_t last_error = cudaSuccess;
 inline std::map<const void*, size_t> smem_limit;  // per kernel, set by cudaFuncSetAttribute
 inline std::barrier<>* bar = nullptr;
