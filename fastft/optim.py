@@ -79,7 +79,10 @@ class FusedAdamW(torch.optim.Optimizer):
             round-to-nearest-even of the master except at exact ties (rounded away from zero,
             probability 2^-16 per element and step; :mod:`fastft.ops.adamw`). ``"fp32"``: a
             separate fp32 master, the param rounded from it. fp16 params always get an fp32
-            master (fp16 is not the high half of an fp32 number).
+            master (fp16 is not the high half of an fp32 number). One behavioural difference:
+            a value written into a bf16 param between steps replaces a split master's high half
+            (the stored low half stays, so the master moves with it), while an fp32 master
+            ignores it and overwrites the param at the next step.
         backend: force ``triton|cuda|cpu|torch`` (default: ``FASTFT_BACKEND`` or auto).
 
     Attributes:
@@ -225,9 +228,10 @@ class FusedAdamW(torch.optim.Optimizer):
             raise UserError(f"FusedAdamW: state 'master_lo' of {where} has dtype {lo.dtype}, expected "
                             "torch.int16 (a split-master state dict that went through an optimizer "
                             "which cast it?)")
-        if lo is not None and lo.shape != p.shape:
-            raise UserError(f"FusedAdamW: state 'master_lo' of {where} has shape {tuple(lo.shape)}, "
-                            f"expected {tuple(p.shape)}")
+        for k, t in (("master_lo", lo), ("master_param", full)):
+            if t is not None and t.shape != p.shape:
+                raise UserError(f"FusedAdamW: state '{k}' of {where} has shape {tuple(t.shape)}, "
+                                f"expected {tuple(p.shape)}")
         if not want:
             state.pop("master_lo", None)
             state.pop("master_param", None)

@@ -298,6 +298,10 @@ def test_bad_split_state_and_arguments_raise_clear_errors():
     opt.state[p]["master_lo"] = opt.state[p]["master_lo"].to(torch.bfloat16)  # e.g. torch's loader cast it
     with pytest.raises(UserError, match="'master_lo'.*expected torch.int16"):
         opt.step()
+    del opt.state[p]["master_lo"]
+    opt.state[p]["master_param"] = torch.zeros(36)  # a checkpoint of another model
+    with pytest.raises(UserError, match=r"'master_param'.*shape \(36,\), expected \(37,\)"):
+        opt.step()
     # an int16 master on an fp16 param, through the functional API: every backend refuses it
     h = torch.randn(37).to(torch.float16)
     for backend in BACKENDS:

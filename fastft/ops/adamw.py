@@ -29,6 +29,7 @@ and the bias corrections stay on the device.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -91,6 +92,10 @@ def kernel_dtype_ok(t: Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Split masters: bf16 param = high half of the fp32 master, int16 = low half
 # ----------------------------------------------------------------------------------------------
+# the two 16-bit halves of an fp32 in memory, as seen through .view(torch.int16)
+_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
+
+
 def split_master_encode(master: Tensor) -> tuple[Tensor, Tensor]:
     """Split fp32 masters (any shape) into (bf16 high half, int16 low half), both of its shape.
 
@@ -100,15 +105,18 @@ def split_master_encode(master: Tensor) -> tuple[Tensor, Tensor]:
     :func:`split_master_decode`); a NaN's ``hi`` is inf when its mantissa is below 0x8000 and
     +-0 (wrap-around) when it is 0x7F8000 or more (non-finite masters never occur in training:
     a non-finite grad norm skips the step).
-    int64 arithmetic: torch's int32 overflow is not defined to wrap.
+
+    Computed on the int16 halves of the fp32 words (``hi`` = top half + 1 when the low half read
+    as signed is negative, int16 wrap-around being the uint32 carry): 5 bytes of temporaries per
+    element. int64 maths took ~64 and, at the first step of a full fine-tune of SmolLM2-135M,
+    raised the peak RSS by ~0.9 GB (measured; the allocator kept the freed blocks).
     """
     if master.dtype != torch.float32:
         raise TypeError(f"split_master_encode: master has dtype {master.dtype}, expected torch.float32")
-    b = master.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    hi = ((b + 0x8000) >> 16) & 0xFFFF  # uint32 wrap-around, as in the kernels
-    lo = b & 0xFFFF
-    as_int16 = lambda x: (x - ((x >> 15) << 16)).to(torch.int16)  # noqa: E731  two's complement
-    return as_int16(hi).view(torch.bfloat16), as_int16(lo)
+    halves = master.detach().contiguous().reshape(-1).view(torch.int16).view(-1, 2)  # (n, 2)
+    lo = halves[:, _LO].clone()
+    hi = halves[:, _HI] + (lo < 0).to(torch.int16)
+    return hi.view(torch.bfloat16).view(master.shape), lo.view(master.shape)
 
 
 def split_master_decode(param: Tensor, lo: Tensor) -> Tensor:
@@ -117,9 +125,12 @@ def split_master_decode(param: Tensor, lo: Tensor) -> Tensor:
     if param.dtype != torch.bfloat16 or lo.dtype != torch.int16 or param.shape != lo.shape:
         raise TypeError(f"split_master_decode: expected a bf16 param and an int16 low half of one shape, "
                         f"got {param.dtype} {tuple(param.shape)} and {lo.dtype} {tuple(lo.shape)}")
-    hi = param.detach().contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    b = ((hi << 16) + lo.to(torch.int64)) & 0xFFFFFFFF
-    return (b - ((b >> 31) << 32)).to(torch.int32).view(torch.float32)
+    lo = lo.reshape(-1)
+    out = torch.empty((lo.numel(), 2), dtype=torch.int16, device=lo.device)
+    out[:, _LO] = lo
+    # a negative low half borrowed one from the top half: int16 wrap-around = uint32 borrow
+    out[:, _HI] = param.detach().reshape(-1).view(torch.int16) - (lo < 0).to(torch.int16)
+    return out.view(torch.float32).view(param.shape)
 
 
 def _is_split(m: Tensor | None) -> bool:
