@@ -14,6 +14,9 @@ Three cases on a ~50M-parameter Llama-shaped set of tensors (embedding, attentio
   fp32-master FusedAdamW runs in the same alternating loop (``fastft fp32-master clip+step``),
   so the split/fp32 ratio comes from one run.
 
+``torch.compile clip+step`` (unless ``--no-compile``) is the same torch path compiled (foreach
+AdamW: compile does not trace ``fused=True``), checked against the eager torch path too.
+
 Correctness is checked first (3 steps against the torch path on the same grads), then each
 variant is timed alternately (medians of ``--reps``). Effective bandwidth = bytes the algorithm
 must move per parameter x params / time, next to an in-place streaming bandwidth measured in the
@@ -69,10 +72,11 @@ def streaming_gbs(reps: int) -> float:
 class TorchMasterAdamW:
     """torch's way to train bf16 params with fp32 masters: copy grads up, clip, step, copy down."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[torch.nn.Parameter], fused: bool = True):
         self.params = params
         self.masters = [torch.nn.Parameter(p.detach().float()) for p in params]
-        self.opt = torch.optim.AdamW(self.masters, lr=1e-3, weight_decay=0.01, fused=True)
+        # torch.compile takes the foreach implementation (it does not trace fused=True)
+        self.opt = torch.optim.AdamW(self.masters, lr=1e-3, weight_decay=0.01, fused=fused, foreach=not fused)
 
     def step(self) -> torch.Tensor:
         for m, p in zip(self.masters, self.params):
@@ -85,8 +89,23 @@ class TorchMasterAdamW:
         return norm
 
 
+def torch_path(dtype: torch.dtype, init: list[torch.Tensor], fused: bool):
+    """torch's clip + AdamW step on fresh params: (params, step function, master helper or None)."""
+    if dtype == torch.float32:
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=fused, foreach=not fused)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+            opt.step()
+        return params, step, None
+    params = [torch.nn.Parameter(x.to(dtype)) for x in init]
+    m = TorchMasterAdamW(params, fused=fused)
+    return params, m.step, m
+
+
 def run_case(name: str, dtype: torch.dtype, shapes, reps: int, rows: list, notes: list,
-             master_format: str = "fp32") -> None:
+             master_format: str = "fp32", compile_ok: bool = True) -> None:
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen).to(dtype) * 1e-3 for s in shapes]  # norm ~7 > MAX_NORM
@@ -95,19 +114,26 @@ def run_case(name: str, dtype: torch.dtype, shapes, reps: int, rows: list, notes
     ours = FusedAdamW(ours_p, lr=1e-3, weight_decay=0.01, max_grad_norm=MAX_NORM,
                       master_weights=dtype != torch.float32, master_format=master_format)
     ours_noclip = None
-    if dtype == torch.float32:
-        ref_p = [torch.nn.Parameter(x.clone()) for x in init]
-        ref = torch.optim.AdamW(ref_p, lr=1e-3, weight_decay=0.01, fused=True)
-
-        def ref_step():
-            torch.nn.utils.clip_grad_norm_(ref_p, MAX_NORM)
-            ref.step()
-    else:
-        ref_p = [torch.nn.Parameter(x.to(dtype)) for x in init]
-        ref_m = TorchMasterAdamW(ref_p)
-        ref_step = ref_m.step
+    ref_p, ref_step, ref_m = torch_path(dtype, init, fused=True)
     for p, q, g in zip(ours_p, ref_p, grads):
         p.grad, q.grad = g, g.clone()
+    compiled = None
+    if compile_ok:  # torch.compile of the same torch path (foreach AdamW), on its own copies
+        t0 = time.perf_counter()
+        c_p, c_step, c_m = torch_path(dtype, init, fused=False)
+        for q, g in zip(c_p, grads):
+            q.grad = g.clone()
+        try:
+            c_step = torch.compile(c_step)
+            for _ in range(3):
+                for q, g in zip(c_p, grads):
+                    q.grad.copy_(g)
+                c_step()
+            compiled = (c_p, c_step, c_m)
+            notes.append(f"{name}: torch.compile of the torch path (foreach AdamW): first 3 steps took "
+                         f"{time.perf_counter() - t0:.1f} s (compilation)")
+        except Exception as e:  # noqa: BLE001 - report and go on without it
+            notes.append(f"{name}: torch.compile failed ({type(e).__name__}: {str(e)[:120]})")
 
     # -- correctness first: 3 identical steps (grads restored each time: torch clips in place)
     for _ in range(3):
@@ -127,6 +153,13 @@ def run_case(name: str, dtype: torch.dtype, shapes, reps: int, rows: list, notes
                  f"({'OK' if ok else 'FAIL'}, tol {tol:g}); grad norm {float(ours.last_grad_norm):.4f}")
     if not ok:
         raise SystemExit(f"{name}: fastft disagrees with torch ({err:.3g} > {tol:g}); not timing")
+    if compiled is not None:
+        c_p, _, c_m = compiled
+        got, want = (c_p, ref_p) if dtype == torch.float32 else (c_m.masters, ref_m.masters)
+        cerr = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+        notes.append(f"{name}: torch.compile vs torch after 3 steps: max rel err {cerr:.2e}")
+        if cerr > tol:
+            raise SystemExit(f"{name}: torch.compile disagrees with torch ({cerr:.3g}); not timing")
 
     # -- timing, alternating
     ext = _backend.cpu_ext()
@@ -149,6 +182,8 @@ def run_case(name: str, dtype: torch.dtype, shapes, reps: int, rows: list, notes
         f32 = FusedAdamW(f32_p, lr=1e-3, weight_decay=0.01, max_grad_norm=MAX_NORM, master_weights=True,
                          master_format="fp32")
         variants["fastft fp32-master clip+step"] = f32.step
+    if compiled is not None:
+        variants["torch.compile clip+step"] = compiled[1]
     if dtype != torch.float32:
         nm_p = [torch.nn.Parameter(x.to(dtype)) for x in init]
         for p, g in zip(nm_p, grads):
@@ -176,6 +211,7 @@ def run_case(name: str, dtype: torch.dtype, shapes, reps: int, rows: list, notes
     # torch on bf16 params without master: norm 2 + scale 4 + AdamW (g 2 + p, m, v rw 12) = 20
     bytes_pp = {"fastft clip+step": upd + gsz, "fastft step only": upd, "fastft norm only": gsz,
                 "torch clip+step": 40 if dtype == torch.float32 else 52,
+                "torch.compile clip+step": 40 if dtype == torch.float32 else 52,
                 "fastft fp32-master clip+step": upd_f32 + gsz,
                 "torch-bf16-nomaster clip+step": 20}
     base = statistics.median(times["torch clip+step"])
@@ -196,6 +232,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=50e6)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--cases", default="fp32,bf16-master,bf16-split-master")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     args = ap.parse_args()
     torch.manual_seed(0)
     shapes = llama_shapes(args.params)
@@ -205,7 +242,7 @@ def main() -> None:
     stream_before = streaming_gbs(args.reps)
     for case in args.cases.split(","):
         run_case(case, torch.float32 if case == "fp32" else torch.bfloat16, shapes, args.reps, rows, notes,
-                 "split" if case == "bf16-split-master" else "fp32")
+                 "split" if case == "bf16-split-master" else "fp32", not args.no_compile)
     stream_after = streaming_gbs(args.reps)
     stream = max(stream_before, stream_after)
     for r in rows:
