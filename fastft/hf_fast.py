@@ -73,7 +73,7 @@ def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     y = rms_norm(hidden_states, self.weight, self.variance_epsilon)
     # The fused op saves x (contiguous: the same storage) and the weight for its own backward, so
     # q/k/v or gate/up need not save y again for their weight gradients: it is rebuilt from those
-    # in backward (fastft/recompute.py; 2 x 1.1 MB per SmolLM2 layer at 4x256 bf16). The
+    # in backward (fastft/recompute.py; 2 x 1.125 MiB per SmolLM2 layer at 4x256 bf16). The
     # reference path saves fp32 copies instead of x: nothing to gain there.
     if (recompute.active() and type(y.grad_fn) is _RMSNormFn._backward_cls
             and hidden_states.is_contiguous()):
@@ -86,7 +86,7 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = swiglu(gate, up)
     # The fused op saves gate and up (contiguous: the same storages): down_proj's saved copy of h
-    # is rebuilt from them in backward (fastft/recompute.py; 3.1 MB per SmolLM2 layer).
+    # is rebuilt from them in backward (fastft/recompute.py; 3 MiB per SmolLM2 layer).
     if (recompute.active() and type(h.grad_fn) is _SwiGLUFn._backward_cls
             and gate.is_contiguous() and up.is_contiguous()):
         recompute.register(h, swiglu, gate, up, h.grad_fn.backend)

@@ -4,7 +4,8 @@ Some activations are pure functions of tensors the graph keeps anyway. The Llama
 three per layer: the two RMSNorm outputs (the fused norm saves its input x and weight; q/k/v and
 gate/up save the output again for their weight gradients) and the SwiGLU output (the fused op
 saves gate and up; down_proj saves ``silu(gate) * up`` again). SmolLM2-135M, bf16, batch 4x256,
-full fine-tuning: 30 x (2 x 1.1 + 3.1) MB = ~157 MB of the ~430 MB the graph saves per step.
+full fine-tuning: 30 x (2 x 1.125 + 3) MiB = 157.5 MiB of the 497.5 MiB the graph keeps after a
+forward (benchmarks/bench_recompute.py).
 
 How:
 
