@@ -19,6 +19,10 @@ Supported ``config.model_type``: llama, mistral, qwen2, qwen3 (checked against t
 5.23's module and class names). Anything else is left unpatched (:func:`supported` says so).
 The projections are looked up at call time, so LoRA/PEFT wrappers applied afterwards still work.
 ``unpatch_blocks(model)`` restores the original forwards.
+
+Inside :class:`fastft.recompute.recompute_cheap` (fastft's training loss enters it when
+``model.recompute_cheap`` is on) the fused RMSNorm and SwiGLU outputs are registered, so the
+projections' saved copies of them are rebuilt in backward instead of kept.
 """
 from __future__ import annotations
 
