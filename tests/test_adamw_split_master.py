@@ -320,13 +320,24 @@ def test_master_init_from_fp32_source_is_exact_and_not_kept():
     p = torch.nn.Parameter(src.to(torch.bfloat16))
     p._fastft_master_init = src.clone()
     opt = FusedAdamW([p], lr=0.0, master_weights=True, backend="cpu")
+    # split when the optimizer is built, before the first forward: the param is the high half
+    assert "_fastft_master_init" not in p.__dict__
+    assert torch.equal(bits(p), bits(split_master_encode(src)[0]))
     p.grad = torch.zeros_like(p)
     opt.step()
-    assert "_fastft_master_init" not in p.__dict__
+    assert "_fastft_master_init" not in p.__dict__ and "_fastft_master_lo" not in p.__dict__
     assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq", "master_lo"}
     assert torch.equal(bits(opt.master_weight(p)), bits(src))
     assert torch.equal(bits(p), bits(split_master_encode(src)[0]))
     assert not torch.equal(bits(p), bits(src.to(torch.bfloat16)))  # the ties did move
+    # split at construction, then the group switched to fp32 masters before the first step
+    q = torch.nn.Parameter(src.to(torch.bfloat16))
+    q._fastft_master_init = src.clone()
+    opt = FusedAdamW([q], lr=0.0, master_weights=True, backend="cpu")
+    opt.param_groups[0]["master_format"] = "fp32"
+    q.grad = torch.zeros_like(q)
+    opt.step()
+    assert torch.equal(bits(opt.state[q]["master_param"]), bits(src))
 
 
 # ------------------------------------------------------------------ end to end: tiny Llama
@@ -342,6 +353,12 @@ def _train(tiny, run_dir, fmt, ties_away=False, steps=8):
             "--train.master_format", fmt]
     cfg = load_config(None, args)
     model, tok, bundle, device = build(cfg)
+    if ties_away:  # split masters make each bf16 param the high half of its fp32 source at once
+        with torch.no_grad():
+            for p in model.parameters():
+                init = p.__dict__.get("_fastft_master_init")
+                if init is not None:
+                    p.copy_(split_master_encode(init)[0])
     run_dir.mkdir(parents=True)
     trainer = Trainer(cfg, run_dir, model, tok, bundle, device, log=lambda s: None)
     opt = trainer.optimizer
@@ -371,7 +388,9 @@ def _train(tiny, run_dir, fmt, ties_away=False, steps=8):
 def test_tiny_llama_full_finetune_matches_fp32_masters(tmp_path):
     """Full fine-tuning of a random 2-layer Llama through `fastft train`'s code path: split masters
     give the fp32-master run's losses and weights bit for bit once that run rounds ties the same
-    way, and within 1e-4 (relative) without that."""
+    way, and close without that: ties move a few weights per step by one bf16 ulp, which the
+    bf16 forward amplifies (SmolLM2-135M: the 12 ties of step 1 moved step 2's loss by 0.5%, one
+    1-ulp flip of one weight by 0.04%; benchmarks/README.md), here up to ~1e-4 relative."""
     sys.path.insert(0, str(Path(__file__).parent))
     from trainer_helpers import make_tiny_model
 
@@ -383,5 +402,4 @@ def test_tiny_llama_full_finetune_matches_fp32_masters(tmp_path):
     assert split == same
     assert all(torch.equal(bits(w_split[k]), bits(w_same[k])) for k in w_split)
     assert split[-1] < split[0] - 0.3  # it trains
-    assert split[0] == plain[0]  # the first forward precedes any update
-    assert max(abs(a - b) / b for a, b in zip(split, plain)) <= 1e-4
+    assert max(abs(a - b) / b for a, b in zip(split, plain)) <= 1e-3

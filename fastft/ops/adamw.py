@@ -108,8 +108,9 @@ def split_master_encode(master: Tensor) -> tuple[Tensor, Tensor]:
 
     Computed on the int16 halves of the fp32 words (``hi`` = top half + 1 when the low half read
     as signed is negative, int16 wrap-around being the uint32 carry): 5 bytes of temporaries per
-    element. int64 maths took ~64 and, at the first step of a full fine-tune of SmolLM2-135M,
-    raised the peak RSS by ~0.9 GB (measured; the allocator kept the freed blocks).
+    element. The int64 version of these formulas took ~64: the first step of the fastft side of
+    ``fastft bench --mode full`` (SmolLM2-135M) then peaked at 3690-3768 MB RSS, with this one at
+    2905-2926 MB (when the masters were still split at the first step).
     """
     if master.dtype != torch.float32:
         raise TypeError(f"split_master_encode: master has dtype {master.dtype}, expected torch.float32")
