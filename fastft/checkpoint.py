@@ -3,7 +3,8 @@
 Layout of ``<run>/checkpoints/step-000120/``:
 
 * ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF ``save_pretrained``, other modes);
-* ``trainer_state.pt``: optimizer (incl. fp32 masters), step, data position, RNG states,
+* ``trainer_state.pt``: optimizer (incl. the masters: int16 low halves of split masters, whose high
+  halves are the saved bf16 weights, or fp32 copies), step, data position, RNG states,
   early-stopping state, loss scale.
 
 ``<run>/checkpoints/best`` is a text file naming the best checkpoint directory.
