@@ -13,7 +13,6 @@ Writes benchmarks/results/attention.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import os
 import sys
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_elementwise import HD, HK, HQ, machine, run_op  # noqa: E402
+from bench_elementwise import HD, HK, HQ, machine, run_op, write_csv  # noqa: E402
 from fastft import _backend  # noqa: E402
 from fastft.ops.attention import attention_reference, causal_attention  # noqa: E402
 
@@ -71,12 +70,7 @@ def main() -> None:
         run_op("attention", dtype, args, rows, notes, not args.no_compile, problem=make_problem, tol16=2 ** -6)
     for r in rows:
         r["GFLOP/s"] = round(flops / (r["median_ms"] / 1e3) / 1e9, 1)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "attention.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["machine"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "machine": machine()})
+    write_csv(rows, "attention.csv")
     md = io.StringIO()
     cmd = "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:])
     md.write(f"# Causal attention, forward + backward (one SmolLM2-135M layer, {args.tokens} tokens)\n\n")

@@ -167,6 +167,16 @@ def machine() -> str:
             "(shared machine: compare ratios)")
 
 
+def write_csv(rows: list[dict], name: str) -> None:
+    """rows (one dict per variant) -> benchmarks/results/<name>, each row tagged with the machine."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["machine"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "machine": machine()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=31)
@@ -184,12 +194,7 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         for op in args.ops.split(","):
             run_op(op, dtype, args, rows, notes, not args.no_compile)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "elementwise.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["machine"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "machine": machine()})
+    write_csv(rows, "elementwise.csv")
     md = io.StringIO()
     cmd = "python benchmarks/bench_elementwise.py " + " ".join(sys.argv[1:])
     md.write(f"# Fused elementwise ops, forward + backward (SmolLM2-135M layer shapes, {args.tokens} tokens)\n\n")

@@ -379,6 +379,19 @@ int threads_for(const Shape& sh) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tasks, omp_get_max_threads())));
 }
 
+// Runs fn(b, hk, buffers) for every (batch, kv head) task on OpenMP threads, GIL released, one
+// set of work buffers per thread.
+template <typename Fn>
+void for_each_task(const Shape& sh, Fn&& fn) {
+  py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_for(sh))
+  {
+    Buffers w(sh);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < sh.B * sh.Hkv; ++task) fn(task / sh.Hkv, task % sh.Hkv, w);
+  }
+}
+
 void attention_fwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vector<int64_t> kst, uintptr_t v,
                    std::vector<int64_t> vst, uintptr_t o, std::vector<int64_t> ost, uintptr_t lse, int64_t B,
                    int64_t Hq, int64_t Hkv, int64_t T, int64_t D, double scale, int dtype) {
@@ -386,17 +399,10 @@ void attention_fwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vect
   const Strides qs = strides_of(qst, "q"), ks = strides_of(kst, "k"), vs = strides_of(vst, "v"),
                 os = strides_of(ost, "out");
   if (B == 0 || T == 0) return;
-  py::gil_scoped_release nogil;
-#pragma omp parallel num_threads(threads_for(sh))
-  {
-    Buffers w(sh);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * Hkv; ++task) {
-      const int64_t b = task / Hkv, hk = task % Hkv;
-      float* l = reinterpret_cast<float*>(lse);
-      forward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
-    }
-  }
+  float* l = reinterpret_cast<float*>(lse);
+  for_each_task(sh, [&](int64_t b, int64_t hk, Buffers& w) {
+    forward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
+  });
 }
 
 void attention_bwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vector<int64_t> kst, uintptr_t v,
@@ -409,17 +415,10 @@ void attention_bwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vect
                 os = strides_of(ost, "out"), dos = strides_of(dost, "grad_out"), dqs = strides_of(dqst, "dq"),
                 dks = strides_of(dkst, "dk"), dvs = strides_of(dvst, "dv");
   if (B == 0 || T == 0) return;
-  py::gil_scoped_release nogil;
-#pragma omp parallel num_threads(threads_for(sh))
-  {
-    Buffers w(sh);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * Hkv; ++task) {
-      const int64_t b = task / Hkv, hk = task % Hkv;
-      const float* l = reinterpret_cast<const float*>(lse);
-      backward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
-    }
-  }
+  const float* l = reinterpret_cast<const float*>(lse);
+  for_each_task(sh, [&](int64_t b, int64_t hk, Buffers& w) {
+    backward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
+  });
 }
 
 }  // namespace
