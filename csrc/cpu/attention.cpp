@@ -215,6 +215,200 @@ FASTFT_ATTN_CLONES void store_rows(int dt, void* base, int64_t st, int64_t rows,
   else store_impl<kFloat16>(base, st, rows, D, src, ld, transpose);
 }
 
+// ------------------------------------------------------------------------------------------------
+// bf16 I/O on CPUs with AVX512-BF16: the seven products run on vdpbf16ps (32 multiply-adds per
+// instruction, twice the fp32 FMA rate; the fp32 tiles above ran near that FMA peak and were 69%
+// of the kernel's time, perf). Operands are bf16 pairs along the product's depth k: A rows as
+// stored (a pair is two adjacent elements), B pair-interleaved, (k, j) at B[(k/2)*ldb + 2j + k%2].
+// K and V are packed once per task (reused by every query head and block of the group); P and dS
+// are rounded to bf16 once, right after the softmax / score-gradient pass.
+// Q K^T and dO V^T take bf16 inputs as they are: exact products summed in fp32, like the fp32
+// path. P V, dS K, dO^T P and Q^T dS use P and dS rounded to bf16 (RNE), as torch's own bf16 CPU
+// flash attention does for its P V product. Tests bound the error by 2x SDPA's in bf16.
+#define FASTFT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool g_bf16_dot = true;  // attention_bf16_dot(): tests and benchmarks run both bf16 paths
+
+bool has_avx512_bf16() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return static_cast<bool>(__builtin_cpu_supports("avx512f")) &&
+           static_cast<bool>(__builtin_cpu_supports("avx512bw")) &&
+           static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  }();
+  return yes;
+}
+
+// C[R x n] (+)= sum over depth pairs p in [p0, p1) of A's pair (row r, p) . B's pair (p, column).
+// AT: A is pair-interleaved too (pair (p, r) at A[p * lda + 2r]), else pair (r, p) at A[r*lda + 2p].
+template <int R, bool AT>
+FASTFT_BF16_TARGET void tile_bf16(int64_t p0, int64_t p1, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                  int64_t ldb, float* C, int64_t ldc, int n, bool acc) {
+  __m512 c0[R], c1[R];
+  const __mmask16 m0 = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? static_cast<__mmask16>(0xFFFF)
+                               : (n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0));
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* b = B + p * ldb;
+    const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b);
+    const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, AT ? A + p * lda + 2 * r : A + r * lda + 2 * p, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
+      c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* c = C + r * ldc;
+    if (acc) {
+      c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, c));
+      c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, c + 16));
+    }
+    _mm512_mask_storeu_ps(c, m0, c0[r]);
+    _mm512_mask_storeu_ps(c + 16, m1, c1[r]);
+  }
+}
+
+template <bool AT>
+void tile_bf16_dispatch(int R, int64_t p0, int64_t p1, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                        float* C, int64_t ldc, int n, bool acc) {
+  switch (R) {
+    case 8: return tile_bf16<8, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    case 7: return tile_bf16<7, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    case 6: return tile_bf16<6, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    case 5: return tile_bf16<5, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    case 4: return tile_bf16<4, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    case 3: return tile_bf16<3, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    case 2: return tile_bf16<2, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+    default: return tile_bf16<1, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
+  }
+}
+
+// gemm() on bf16 pairs: the same loops and causal skips; depth ranges widen to whole pairs, and
+// the element a widened range adds is zero (P and dS are zero above the diagonal up to one
+// column past their block, padded rows and columns are zero).
+void gemm_bf16(bool at, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
+               int64_t M, int64_t N, int64_t K, bool acc, Causal mode, int64_t off) {
+  if (mode == kQueryDepth) N = std::min(N, off + K);
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+      const int R = static_cast<int>(std::min<int64_t>(kMR, M - i0));
+      int64_t n = std::min<int64_t>(kNR, N - j0), k0 = 0, k1 = K;
+      if (mode == kKeyCols) {
+        n = std::min(n, off + i0 + R - j0);
+        if (n <= 0) continue;
+      } else if (mode == kKeyDepth) {
+        k1 = std::min(K, off + i0 + R);
+      } else if (mode == kQueryDepth) {
+        k0 = std::max<int64_t>(0, j0 - off);
+        if (k0 >= K) {
+          if (!acc)
+            for (int r = 0; r < R; ++r) std::memset(C + (i0 + r) * ldc + j0, 0, sizeof(float) * n);
+          continue;
+        }
+      }
+      const uint16_t* a = at ? A + 2 * i0 : A + i0 * lda;
+      if (at) tile_bf16_dispatch<true>(R, k0 / 2, (k1 + 1) / 2, a, lda, B + 2 * j0, ldb, C + i0 * ldc + j0, ldc,
+                                       static_cast<int>(n), acc);
+      else tile_bf16_dispatch<false>(R, k0 / 2, (k1 + 1) / 2, a, lda, B + 2 * j0, ldb, C + i0 * ldc + j0, ldc,
+                                     static_cast<int>(n), acc);
+    }
+  }
+}
+
+// vpermw index that interleaves the two 16-element halves of a 32 x 16-bit vector: a0 b0 a1 b1 ...
+FASTFT_BF16_TARGET inline __m512i interleave_index() {
+  alignas(64) static const uint16_t idx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                               8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(idx);
+}
+
+// Pair-interleave bf16 rows: dst[(k/2)*ld + 2c + k%2] = src[k*st + c], k < rows, c < cols; the
+// missing partner of an odd last row is zero.
+FASTFT_BF16_TARGET void pair_rows_bf16(const uint16_t* src, int64_t st, int64_t rows, int64_t cols, uint16_t* dst,
+                                       int64_t ld) {
+  const __m512i idx = interleave_index();
+  for (int64_t k = 0; k < rows; k += 2) {
+    const uint16_t* a = src + k * st;
+    const uint16_t* b = k + 1 < rows ? a + st : nullptr;
+    uint16_t* d = dst + (k / 2) * ld;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c));
+      const __m256i vb = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)) : _mm256_setzero_si256();
+      const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
+      _mm512_storeu_si512(d + 2 * c, _mm512_permutexvar_epi16(idx, z));
+    }
+    for (; c < cols; ++c) {
+      d[2 * c] = a[c];
+      d[2 * c + 1] = b ? b[c] : 0;
+    }
+  }
+}
+
+// The same from fp32 rows (row stride st), rounded to bf16 on the way.
+FASTFT_BF16_TARGET void pair_rows_f32(const float* src, int64_t st, int64_t rows, int64_t cols, uint16_t* dst,
+                                      int64_t ld) {
+  const __m512i idx = interleave_index();
+  for (int64_t k = 0; k < rows; k += 2) {
+    const float* a = src + k * st;
+    const float* b = k + 1 < rows ? a + st : nullptr;
+    uint16_t* d = dst + (k / 2) * ld;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      const __m512 vb = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
+      const __m512i z = (__m512i)_mm512_cvtne2ps_pbh(vb, _mm512_loadu_ps(a + c));  // a low, b high
+      _mm512_storeu_si512(d + 2 * c, _mm512_permutexvar_epi16(idx, z));
+    }
+    for (; c < cols; ++c) {
+      d[2 * c] = float_to_bf16(a[c]);
+      d[2 * c + 1] = b ? float_to_bf16(b[c]) : 0;
+    }
+  }
+}
+
+// fp32 rows -> bf16 rows (row strides st, ld): columns [0, cols) rounded, [cols, zero_to) zero.
+FASTFT_BF16_TARGET void rows_f32_to_bf16(const float* src, int64_t st, int64_t rows, int64_t cols, int64_t zero_to,
+                                         uint16_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * st;
+    uint16_t* d = dst + r * ld;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));
+    for (; c < cols; ++c) d[c] = float_to_bf16(s[c]);
+    for (; c < zero_to; ++c) d[c] = 0;
+  }
+}
+
+// bf16 rows (stride st) copied to a buffer with row length ld >= cols, zero-padded to ld.
+void copy_rows_bf16(const uint16_t* src, int64_t st, int64_t rows, int64_t cols, uint16_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * ld, src + r * st, sizeof(uint16_t) * cols);
+    for (int64_t c = cols; c < ld; ++c) dst[r * ld + c] = 0;
+  }
+}
+
+// K^T (or V^T) as B of a product with depth d: dst[(d/2)*ld + 2j + d%2] = src[j*st + d] (T rows
+// of D); a 32-bit transpose of the (d, d+1) pairs, the last pair's partner zero when D is odd.
+void pair_transpose(const uint16_t* src, int64_t st, int64_t T, int64_t D, uint16_t* dst, int64_t ld) {
+  const int64_t Dp = D / 2;
+  for (int64_t j = 0; j < T; ++j) {
+    const uint16_t* s = src + j * st;
+    for (int64_t p = 0; p < Dp; ++p) std::memcpy(dst + p * ld + 2 * j, s + 2 * p, 2 * sizeof(uint16_t));
+    if (D % 2) {
+      dst[Dp * ld + 2 * j] = s[D - 1];
+      dst[Dp * ld + 2 * j + 1] = 0;
+    }
+  }
+}
+
 struct Strides {
   int64_t b, h, t;
 };
@@ -232,43 +426,66 @@ const T* at(uintptr_t base, const Strides& s, int64_t b, int64_t h, int elem) {
 struct Shape {
   int64_t B, Hq, Hkv, T, D;
   float scale;
+  // Row length of the T-long fp32 work rows (K^T, V^T, scores, dK^T, dV^T). T itself is often a
+  // power of two: rows 1 KiB apart (T=256) fall into 4 of L1's 64 sets and a 64-row B panel
+  // thrashed its 8 ways; one extra 64-byte line per row spreads them over all sets.
+  int64_t L;
 };
 
 // Softmax of one block's score rows in place: s (unscaled q.k) -> p; writes lse when `lse_out`,
 // else reads it from `lse_in`. Zeroes p up to the block's diagonal end so the causal GEMMs that
-// read whole micro-tiles see zeros above the diagonal.
+// read whole micro-tiles see zeros above the diagonal. The forward takes one exp per score
+// (e = exp(s - max) kept, then scaled by 1 / sum); it took two before (exp again from lse), and
+// the softmax was 19% of the bf16 kernel's time (perf).
 FASTFT_ATTN_CLONES void softmax_rows(float* S, int64_t ld, int64_t i0, int64_t rows, float scale, float* lse_out,
                   const float* lse_in) {
   const int64_t end = i0 + rows;
   for (int64_t r = 0; r < rows; ++r) {
     float* s = S + r * ld;
     const int64_t n = i0 + r + 1;  // visible keys 0..i
-    float lse;
     if (lse_out) {
       float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) m = s[j] * scale > m ? s[j] * scale : m;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += ce_exp(s[j] * scale - m);
-      lse = attn_lse(m, sum);
-      lse_out[r] = lse;
-    } else {
-      lse = lse_in[r];
-    }
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = ce_exp(s[j] * scale - m);
+        sum += s[j];
+      }
+      lse_out[r] = attn_lse(m, sum);
+      const float inv = 1.0f / sum;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) s[j] = attn_prob(s[j], scale, lse);
+      for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+    } else {
+      const float lse = lse_in[r];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) s[j] = attn_prob(s[j], scale, lse);
+    }
     for (int64_t j = n; j < end; ++j) s[j] = 0.0f;
   }
 }
 
 struct Buffers {
   std::vector<float> kt, kf, vt, vf, q, s, ds, o, dof, dkt, dvt, delta, lse;
-  Buffers(const Shape& sh) {
+  // bf16 path (see tile_bf16): packed K^T, V^T, K, V; the block's Q, dO (rows), Q^T / dO^T (pairs),
+  // P or dS (rows) and P or dS (pairs)
+  std::vector<uint16_t> ktp, vtp, kp, vp, qb, dob, qtp, pb, pp;
+  Buffers(const Shape& sh, bool bf16) {
+    if (bf16) {
+      const int64_t L = sh.L, D = sh.D, Dp = (sh.D + 1) / 2, Tp = (sh.T + 1) / 2;
+      ktp.resize(Dp * 2 * L); vtp.resize(Dp * 2 * L); kp.resize(Tp * 2 * D); vp.resize(Tp * 2 * D);
+      qb.resize(kBQ * 2 * Dp); dob.resize(kBQ * 2 * Dp); qtp.resize(kBQ * D); pb.resize(kBQ * L); pp.resize(kBQ * L);
+      // the fp32 ones the bf16 path still uses: scores, dP/dS, an output block, dO and O (delta)
+      s.resize(kBQ * L); ds.resize(kBQ * L); o.resize(kBQ * D); dof.resize(kBQ * D); dkt.resize(D * L);
+      dvt.resize(D * L); delta.resize(kBQ);
+      return;
+    }
     const int64_t T = sh.T, D = sh.D;
-    kt.resize(D * T); kf.resize(T * D); vt.resize(D * T); vf.resize(T * D);
-    q.resize(kBQ * D); s.resize(kBQ * T); ds.resize(kBQ * T); o.resize(kBQ * D);
-    dof.resize(kBQ * D); dkt.resize(D * T); dvt.resize(D * T);
+    const int64_t L = sh.L;
+    kt.resize(D * L); kf.resize(T * D); vt.resize(D * L); vf.resize(T * D);
+    q.resize(kBQ * D); s.resize(kBQ * L); ds.resize(kBQ * L); o.resize(kBQ * D);
+    dof.resize(kBQ * D); dkt.resize(D * L); dvt.resize(D * L);
     delta.resize(kBQ); lse.resize(kBQ);
   }
 };
@@ -302,8 +519,8 @@ inline int elem_size(int dt) { return dt == kFloat32 ? 4 : 2; }
 void forward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k, Strides ks,
                   uintptr_t v, Strides vs, uintptr_t o, Strides os, float* lse, Buffers& w) {
   const int es = elem_size(dt);
-  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv;
-  load_rows(dt, at<char>(k, ks, b, hk, es), ks.t, T, D, w.kt.data(), T, true);
+  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L;
+  load_rows(dt, at<char>(k, ks, b, hk, es), ks.t, T, D, w.kt.data(), L, true);
   load_rows(dt, at<char>(v, vs, b, hk, es), vs.t, T, D, w.vf.data(), D);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
@@ -313,9 +530,9 @@ void forward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, S
     for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
       const int64_t rows = std::min<int64_t>(kBQ, T - i0);
       load_rows(dt, qh + i0 * qs.t * es, qs.t, rows, D, w.q.data(), D);
-      gemm(false, w.q.data(), D, w.kt.data(), T, w.s.data(), T, rows, T, D, false, kKeyCols, i0);
-      softmax_rows(w.s.data(), T, i0, rows, sh.scale, lse_h + i0, nullptr);
-      gemm(false, w.s.data(), T, w.vf.data(), D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
+      gemm(false, w.q.data(), D, w.kt.data(), L, w.s.data(), L, rows, T, D, false, kKeyCols, i0);
+      softmax_rows(w.s.data(), L, i0, rows, sh.scale, lse_h + i0, nullptr);
+      gemm(false, w.s.data(), L, w.vf.data(), D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
       store_rows(dt, oh + i0 * os.t * es, os.t, rows, D, w.o.data(), D);
     }
   }
@@ -326,12 +543,12 @@ void backward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, 
                    const float* lse, uintptr_t dq, Strides dqs, uintptr_t dk, Strides dks, uintptr_t dv,
                    Strides dvs, Buffers& w) {
   const int es = elem_size(dt);
-  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv;
+  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L;
   const char* kh = at<char>(k, ks, b, hk, es);
   const char* vh = at<char>(v, vs, b, hk, es);
-  load_rows(dt, kh, ks.t, T, D, w.kt.data(), T, true);
+  load_rows(dt, kh, ks.t, T, D, w.kt.data(), L, true);
   load_rows(dt, kh, ks.t, T, D, w.kf.data(), D);
-  load_rows(dt, vh, vs.t, T, D, w.vt.data(), T, true);
+  load_rows(dt, vh, vs.t, T, D, w.vt.data(), L, true);
   std::fill(w.dkt.begin(), w.dkt.end(), 0.0f);
   std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
   float* S = w.s.data();
@@ -349,19 +566,93 @@ void backward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, 
       load_rows(dt, doh + i0 * dos.t * es, dos.t, rows, D, w.dof.data(), D);
       load_rows(dt, oh + i0 * os.t * es, os.t, rows, D, w.o.data(), D);
       row_dots(w.dof.data(), w.o.data(), rows, D, w.delta.data());
-      gemm(false, w.q.data(), D, w.kt.data(), T, S, T, rows, T, D, false, kKeyCols, i0);
-      softmax_rows(S, T, i0, rows, sh.scale, nullptr, lse_h + i0);
-      gemm(false, w.dof.data(), D, w.vt.data(), T, dS, T, rows, T, D, false, kKeyCols, i0);
-      dscore_rows(S, dS, T, i0, rows, w.delta.data(), sh.scale);
+      gemm(false, w.q.data(), D, w.kt.data(), L, S, L, rows, T, D, false, kKeyCols, i0);
+      softmax_rows(S, L, i0, rows, sh.scale, nullptr, lse_h + i0);
+      gemm(false, w.dof.data(), D, w.vt.data(), L, dS, L, rows, T, D, false, kKeyCols, i0);
+      dscore_rows(S, dS, L, i0, rows, w.delta.data(), sh.scale);
       // dq block = dS K;  dV^T += dO^T P;  dK^T += Q^T dS
-      gemm(false, dS, T, w.kf.data(), D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
+      gemm(false, dS, L, w.kf.data(), D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
       store_rows(dt, dqh + i0 * dqs.t * es, dqs.t, rows, D, w.o.data(), D);
-      gemm(true, w.dof.data(), D, S, T, w.dvt.data(), T, D, T, rows, true, kQueryDepth, i0);
-      gemm(true, w.q.data(), D, dS, T, w.dkt.data(), T, D, T, rows, true, kQueryDepth, i0);
+      gemm(true, w.dof.data(), D, S, L, w.dvt.data(), L, D, T, rows, true, kQueryDepth, i0);
+      gemm(true, w.q.data(), D, dS, L, w.dkt.data(), L, D, T, rows, true, kQueryDepth, i0);
     }
   }
-  store_rows(dt, const_cast<char*>(at<char>(dk, dks, b, hk, es)), dks.t, T, D, w.dkt.data(), T, true);
-  store_rows(dt, const_cast<char*>(at<char>(dv, dvs, b, hk, es)), dvs.t, T, D, w.dvt.data(), T, true);
+  store_rows(dt, const_cast<char*>(at<char>(dk, dks, b, hk, es)), dks.t, T, D, w.dkt.data(), L, true);
+  store_rows(dt, const_cast<char*>(at<char>(dv, dvs, b, hk, es)), dvs.t, T, D, w.dvt.data(), L, true);
+}
+
+// forward_task on the bf16 path (bf16 I/O, AVX512-BF16).
+void forward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k, Strides ks,
+                       uintptr_t v, Strides vs, uintptr_t o, Strides os, float* lse, Buffers& w) {
+  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L, D2 = (D + 1) / 2 * 2;
+  pair_transpose(at<uint16_t>(k, ks, b, hk, 2), ks.t, T, D, w.ktp.data(), 2 * L);
+  pair_rows_bf16(at<uint16_t>(v, vs, b, hk, 2), vs.t, T, D, w.vp.data(), 2 * D);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2);
+    char* oh = const_cast<char*>(at<char>(o, os, b, h, 2));
+    float* lse_h = lse + (b * sh.Hq + h) * T;
+    for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
+      const int64_t rows = std::min<int64_t>(kBQ, T - i0), end = i0 + rows;
+      copy_rows_bf16(qh + i0 * qs.t, qs.t, rows, D, w.qb.data(), D2);
+      gemm_bf16(false, w.qb.data(), D2, w.ktp.data(), 2 * L, w.s.data(), L, rows, T, D, false, kKeyCols, i0);
+      softmax_rows(w.s.data(), L, i0, rows, sh.scale, lse_h + i0, nullptr);
+      rows_f32_to_bf16(w.s.data(), L, rows, end, std::min(L, end + 1), w.pb.data(), L);
+      gemm_bf16(false, w.pb.data(), L, w.vp.data(), 2 * D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
+      store_rows(kBFloat16, oh + i0 * os.t * 2, os.t, rows, D, w.o.data(), D);
+    }
+  }
+}
+
+// backward_task on the bf16 path.
+void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k, Strides ks,
+                        uintptr_t v, Strides vs, uintptr_t o, Strides os, uintptr_t dout, Strides dos,
+                        const float* lse, uintptr_t dq, Strides dqs, uintptr_t dk, Strides dks, uintptr_t dv,
+                        Strides dvs, Buffers& w) {
+  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L, D2 = (D + 1) / 2 * 2;
+  const uint16_t* kh = at<uint16_t>(k, ks, b, hk, 2);
+  const uint16_t* vh = at<uint16_t>(v, vs, b, hk, 2);
+  pair_transpose(kh, ks.t, T, D, w.ktp.data(), 2 * L);
+  pair_rows_bf16(kh, ks.t, T, D, w.kp.data(), 2 * D);
+  pair_transpose(vh, vs.t, T, D, w.vtp.data(), 2 * L);
+  std::fill(w.dkt.begin(), w.dkt.end(), 0.0f);
+  std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
+  float* S = w.s.data();
+  float* dS = w.ds.data();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2);
+    const char* oh = at<char>(o, os, b, h, 2);
+    const uint16_t* doh = at<uint16_t>(dout, dos, b, h, 2);
+    char* dqh = const_cast<char*>(at<char>(dq, dqs, b, h, 2));
+    const float* lse_h = lse + (b * sh.Hq + h) * T;
+    for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
+      const int64_t rows = std::min<int64_t>(kBQ, T - i0), end = i0 + rows;
+      copy_rows_bf16(qh + i0 * qs.t, qs.t, rows, D, w.qb.data(), D2);
+      copy_rows_bf16(doh + i0 * dos.t, dos.t, rows, D, w.dob.data(), D2);
+      load_rows(kBFloat16, doh + i0 * dos.t, dos.t, rows, D, w.dof.data(), D);
+      load_rows(kBFloat16, oh + i0 * os.t * 2, os.t, rows, D, w.o.data(), D);
+      row_dots(w.dof.data(), w.o.data(), rows, D, w.delta.data());
+      gemm_bf16(false, w.qb.data(), D2, w.ktp.data(), 2 * L, S, L, rows, T, D, false, kKeyCols, i0);
+      softmax_rows(S, L, i0, rows, sh.scale, nullptr, lse_h + i0);
+      gemm_bf16(false, w.dob.data(), D2, w.vtp.data(), 2 * L, dS, L, rows, T, D, false, kKeyCols, i0);
+      dscore_rows(S, dS, L, i0, rows, w.delta.data(), sh.scale);
+      // dq block = dS K
+      rows_f32_to_bf16(dS, L, rows, end, std::min(L, end + 1), w.pb.data(), L);
+      gemm_bf16(false, w.pb.data(), L, w.kp.data(), 2 * D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
+      store_rows(kBFloat16, dqh + i0 * dqs.t * 2, dqs.t, rows, D, w.o.data(), D);
+      // dV^T += dO^T P
+      pair_rows_bf16(w.dob.data(), D2, rows, D, w.qtp.data(), 2 * D);
+      pair_rows_f32(S, L, rows, end, w.pp.data(), 2 * L);
+      gemm_bf16(true, w.qtp.data(), 2 * D, w.pp.data(), 2 * L, w.dvt.data(), L, D, T, rows, true, kQueryDepth, i0);
+      // dK^T += Q^T dS
+      pair_rows_bf16(w.qb.data(), D2, rows, D, w.qtp.data(), 2 * D);
+      pair_rows_f32(dS, L, rows, end, w.pp.data(), 2 * L);
+      gemm_bf16(true, w.qtp.data(), 2 * D, w.pp.data(), 2 * L, w.dkt.data(), L, D, T, rows, true, kQueryDepth, i0);
+    }
+  }
+  store_rows(kBFloat16, const_cast<char*>(at<char>(dk, dks, b, hk, 2)), dks.t, T, D, w.dkt.data(), L, true);
+  store_rows(kBFloat16, const_cast<char*>(at<char>(dv, dvs, b, hk, 2)), dvs.t, T, D, w.dvt.data(), L, true);
 }
 
 Shape make_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, double scale, int dtype) {
@@ -371,8 +662,10 @@ Shape make_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, doubl
                                 std::to_string(D) + " (need Hq % Hkv == 0, D > 0)");
   if (dtype < kFloat32 || dtype > kFloat16)
     throw std::invalid_argument("attention: dtype code " + std::to_string(dtype) + ", expected 0, 1 or 2");
-  return {B, Hq, Hkv, T, D, static_cast<float>(scale)};
+  return {B, Hq, Hkv, T, D, static_cast<float>(scale), (T + 15) / 16 * 16 + 16};
 }
+
+bool use_bf16_dot(int dtype) { return dtype == kBFloat16 && g_bf16_dot && has_avx512_bf16(); }
 
 int threads_for(const Shape& sh) {
   const int64_t tasks = sh.B * sh.Hkv;
@@ -382,11 +675,11 @@ int threads_for(const Shape& sh) {
 // Runs fn(b, hk, buffers) for every (batch, kv head) task on OpenMP threads, GIL released, one
 // set of work buffers per thread.
 template <typename Fn>
-void for_each_task(const Shape& sh, Fn&& fn) {
+void for_each_task(const Shape& sh, bool bf16, Fn&& fn) {
   py::gil_scoped_release nogil;
 #pragma omp parallel num_threads(threads_for(sh))
   {
-    Buffers w(sh);
+    Buffers w(sh, bf16);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < sh.B * sh.Hkv; ++task) fn(task / sh.Hkv, task % sh.Hkv, w);
   }
@@ -400,8 +693,10 @@ void attention_fwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vect
                 os = strides_of(ost, "out");
   if (B == 0 || T == 0) return;
   float* l = reinterpret_cast<float*>(lse);
-  for_each_task(sh, [&](int64_t b, int64_t hk, Buffers& w) {
-    forward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
+  const bool bf16 = use_bf16_dot(dtype);
+  for_each_task(sh, bf16, [&](int64_t b, int64_t hk, Buffers& w) {
+    if (bf16) forward_task_bf16(sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
+    else forward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
   });
 }
 
@@ -416,8 +711,10 @@ void attention_bwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vect
                 dks = strides_of(dkst, "dk"), dvs = strides_of(dvst, "dv");
   if (B == 0 || T == 0) return;
   const float* l = reinterpret_cast<const float*>(lse);
-  for_each_task(sh, [&](int64_t b, int64_t hk, Buffers& w) {
-    backward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
+  const bool bf16 = use_bf16_dot(dtype);
+  for_each_task(sh, bf16, [&](int64_t b, int64_t hk, Buffers& w) {
+    if (bf16) backward_task_bf16(sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
+    else backward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
   });
 }
 
@@ -435,6 +732,17 @@ void register_attention(py::module_& m) {
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
         py::arg("T"), py::arg("D"), py::arg("scale"), py::arg("dtype"),
         "Causal attention backward (probabilities recomputed from lse); writes dq, dk, dv.");
+  m.def(
+      "attention_bf16_dot",
+      [](py::object on) {
+        const bool prev = g_bf16_dot;
+        if (!on.is_none()) g_bf16_dot = on.cast<bool>();
+        return prev;
+      },
+      py::arg("on") = py::none(),
+      "bf16 inputs use AVX512-BF16 dot products when the CPU has them (default on); returns the "
+      "previous setting, sets it unless `on` is None.");
+  m.def("attention_has_bf16_dot", &has_avx512_bf16, "True when this CPU has AVX512-BF16.");
 }
 
 }  // namespace fastft
