@@ -18,7 +18,23 @@ CPU_BUILT = "cpu" in _backend.available_backends("attention", "cpu")
 needs_cpu = pytest.mark.skipif(not CPU_BUILT, reason="fastft._C has no attention kernel")
 
 # (B, Hq, Hkv, T, D)
-SHAPES = [(2, 3, 1, 37, 16), (1, 2, 2, 130, 64), (2, 4, 1, 1, 8), (1, 6, 2, 203, 40), (3, 9, 3, 64, 64)]
+SHAPES = [(2, 3, 1, 37, 16), (1, 2, 2, 130, 64), (2, 4, 1, 1, 8), (1, 6, 2, 203, 40), (3, 9, 3, 64, 64),
+          (1, 2, 1, 33, 7)]
+# bf16 on the CPU kernel has two paths: AVX512-BF16 dot products (when the CPU has them) and the
+# fp32-FMA tiles every CPU runs; both are checked, the first only where the CPU can run it.
+HAS_BF16_DOT = CPU_BUILT and _backend.cpu_ext().attention_has_bf16_dot()
+LOW_PRECISION = [pytest.param(torch.bfloat16, True, id="bf16-dot",
+                              marks=pytest.mark.skipif(not HAS_BF16_DOT, reason="no AVX512-BF16")),
+                 pytest.param(torch.bfloat16, False, id="bf16-fma"), pytest.param(torch.float16, False, id="fp16")]
+
+
+@pytest.fixture
+def bf16_dot(request):
+    """Sets the CPU kernel's bf16 path for one test (request.param) and restores it."""
+    ext = _backend.cpu_ext()
+    prev = ext.attention_bf16_dot(request.param)
+    yield request.param
+    ext.attention_bf16_dot(prev)
 
 
 def _inputs(shape, dtype, layout="bthd", seed=0):
@@ -67,9 +83,9 @@ def test_fp32_matches_reference(shape, layout):
 
 
 @needs_cpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,bf16_dot", LOW_PRECISION, indirect=["bf16_dot"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_low_precision_error_within_2x_of_sdpa(shape, dtype):
+def test_low_precision_error_within_2x_of_sdpa(shape, dtype, bf16_dot):
     q, k, v, dout = _inputs(shape, dtype)
     ref = _reference(q, k, v, dout)
     ours = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
@@ -122,3 +138,22 @@ def test_bad_input_is_a_clear_error(bad, match):
     q, k, v, _ = _inputs((1, 4, 2, 7, 8), torch.float32)
     with pytest.raises(ValueError, match=match):
         causal_attention(*bad(q.detach(), k.detach(), v.detach()))
+
+
+@needs_cpu
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="no AVX512-BF16")
+def test_bf16_dot_path_is_the_default_and_differs_from_fma():
+    """The dot-product path really runs by default (it rounds P to bf16, the FMA path does not, so
+    their outputs differ in the last bits) and the switch restores its previous value."""
+    ext = _backend.cpu_ext()
+    q, k, v, dout = _inputs((1, 2, 1, 70, 16), torch.bfloat16)
+    assert ext.attention_bf16_dot() is True
+    dot = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
+    assert ext.attention_bf16_dot(False) is True
+    try:
+        fma = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
+    finally:
+        ext.attention_bf16_dot(True)
+    assert not torch.equal(dot[0], fma[0])
+    for name, a, b in zip(NAMES, dot, fma):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05, msg=name)
