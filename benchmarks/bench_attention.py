@@ -46,9 +46,19 @@ def make_problem(op, dtype, tokens, gen):
         return torch.randn(b, t, h, HD, generator=gen).to(dtype).transpose(1, 2)
     inputs, grads = [r(HQ), r(HK), r(HK)], [r(HQ)]
     nbytes = sum(x.numel() for x in inputs + grads) * 2 * inputs[0].element_size()  # in + grads out
-    fns = {"fastft": lambda q, k, v: causal_attention(q, k, v, forced="cpu"), "eager": sdpa,
+    fns = {"fastft": lambda q, k, v: _cpu_attention(q, k, v, bf16_dot=True), "eager": sdpa,
            "ref": attention_reference}
+    if dtype == torch.bfloat16 and _backend.cpu_ext().attention_has_bf16_dot():
+        # the kernel's other bf16 path (fp32 FMA tiles, what CPUs without AVX512-BF16 run)
+        fns["fastft-fma"] = lambda q, k, v: _cpu_attention(q, k, v, bf16_dot=False)
     return inputs, [], grads, nbytes, fns
+
+
+def _cpu_attention(q, k, v, bf16_dot: bool):
+    # The switch is read when the kernel runs; each variant's forward and backward run before the
+    # next variant's forward (run_op), so the backward sees the same setting as its forward.
+    _backend.cpu_ext().attention_bf16_dot(bf16_dot)
+    return causal_attention(q, k, v, forced="cpu")
 
 
 def main() -> None:
@@ -66,8 +76,9 @@ def main() -> None:
     print(machine(), flush=True)
     flops = causal_flops(4, args.tokens // 4)
     for dtype in (torch.bfloat16, torch.float32):
-        # bf16 tolerance 2^-6 of max |ref|: SDPA's own bf16 dk error is 0.96% (fastft's 0.24%)
+        # bf16 tolerance 2^-6 of max |ref|: SDPA's own bf16 dk error is 0.96% (fastft's 0.24-0.38%)
         run_op("attention", dtype, args, rows, notes, not args.no_compile, problem=make_problem, tol16=2 ** -6)
+        _backend.cpu_ext().attention_bf16_dot(True)
     for r in rows:
         r["GFLOP/s"] = round(flops / (r["median_ms"] / 1e3) / 1e9, 1)
     write_csv(rows, "attention.csv")

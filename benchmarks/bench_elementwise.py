@@ -122,7 +122,9 @@ def run_op(op, dtype, args, rows, notes, compile_ok, problem=make_problem, tol16
     gen = torch.Generator().manual_seed(0)
     inputs, const, grads, nbytes, fns = problem(op, dtype, args.tokens, gen)
     dname = str(dtype).replace("torch.", "")
-    variants = {"fastft": fns["fastft"], "eager": fns["eager"]}
+    # "fastft-<name>": other fastft paths a problem offers (bench_attention.py: the bf16 FMA path)
+    variants = {"fastft": fns["fastft"], **{n: f for n, f in fns.items() if n.startswith("fastft-")},
+                "eager": fns["eager"]}
     if compile_ok:
         t0 = time.perf_counter()
         try:
