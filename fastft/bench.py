@@ -200,7 +200,8 @@ def append_history(path: Path, res: dict) -> None:
 @click.option("--seq", type=click.IntRange(min=8), default=256, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=6, show_default=True, help="timed steps per run")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed steps first")
-@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="HF/fastft run pairs")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="HF/fastft run pairs (the speed ratio is the median of the per-round ratios)")
 @click.option("--lr", type=float, default=None,
               help="constant lr on both sides [default: 2e-4 for lora/int8, 2e-5 for full]")
 @click.option("--seed", type=int, default=0, show_default=True)
