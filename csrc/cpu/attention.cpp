@@ -4,8 +4,10 @@
 // forward and 22 ms forward+backward per layer here, ~60 GFLOP/s with the causal skip, a quarter
 // of what this CPU's GEMMs reach in the same step; at SmolLM2's 30 layers that is 28% of a
 // fastft LoRA step (benchmarks/README.md, profile). Attention at these sizes is a handful of
-// small GEMMs (T x T x D per head), so this file is one register-blocked fp32 GEMM micro-kernel
-// (8 rows x 32 columns, AVX-512 FMA; plain loops elsewhere) and the softmax glue around it.
+// small GEMMs (T x T x D per head), so this file is register-blocked GEMM micro-kernels (8 rows x
+// 32 columns) and the softmax glue around them. Two tile kinds: fp32 AVX-512 FMA (fp32/fp16 I/O,
+// and bf16 on CPUs without AVX512-BF16) and bf16 dot products (bf16 I/O with AVX512-BF16, twice
+// the multiply-adds per instruction: fwd+bwd 10.0 -> 6.4 ms, benchmarks/results/attention.md).
 //
 // Work split: one task per (batch, kv head); a task runs the G = Hq/Hkv query heads sharing that
 // kv head, so dK/dV accumulate in task-local fp32 buffers (no atomics). Queries go in blocks of
@@ -48,7 +50,8 @@ enum Causal {
   kNoMask,
   kKeyCols,   // C[i][j], rows = queries from off, cols = keys from 0: only j <= i
   kKeyDepth,  // C[i][.] = sum_j A[i][j] B[j][.], rows = queries from off: only j <= i
-  kQueryDepth // C[.][j] = sum_i A[.][i] B[i][j], depth = queries from off, cols = keys: only i >= j
+  kQueryDepth, // C[.][j] = sum_i A[.][i] B[i][j], depth = queries from off, cols = keys: only i >= j
+  kKeyRows     // C[j][.] = sum_i A[j][i] B[i][.], rows = keys, depth = queries from off: only i >= j
 };
 
 // C[R x n] (+)= A[R x (k0..k1)] * B[(k0..k1) x n]; fp32 row-major, n <= kNR. AT: A is stored
@@ -296,6 +299,7 @@ void tile_bf16_dispatch(int R, int64_t p0, int64_t p1, const uint16_t* A, int64_
 void gemm_bf16(bool at, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
                int64_t M, int64_t N, int64_t K, bool acc, Causal mode, int64_t off) {
   if (mode == kQueryDepth) N = std::min(N, off + K);
+  if (mode == kKeyRows) M = std::min(M, off + K);  // keys after the last query see nothing
   for (int64_t j0 = 0; j0 < N; j0 += kNR) {
     for (int64_t i0 = 0; i0 < M; i0 += kMR) {
       const int R = static_cast<int>(std::min<int64_t>(kMR, M - i0));
@@ -305,6 +309,8 @@ void gemm_bf16(bool at, const uint16_t* A, int64_t lda, const uint16_t* B, int64
         if (n <= 0) continue;
       } else if (mode == kKeyDepth) {
         k1 = std::min(K, off + i0 + R);
+      } else if (mode == kKeyRows) {
+        k0 = std::max<int64_t>(0, i0 - off);  // the tile's first key; later keys see zeros there
       } else if (mode == kQueryDepth) {
         k0 = std::max<int64_t>(0, j0 - off);
         if (k0 >= K) {
@@ -476,9 +482,9 @@ struct Buffers {
       const int64_t L = sh.L, D = sh.D, Dp = (sh.D + 1) / 2, Tp = (sh.T + 1) / 2;
       ktp.resize(Dp * 2 * L); vtp.resize(Dp * 2 * L); kp.resize(Tp * 2 * D); vp.resize(Tp * 2 * D);
       qb.resize(kBQ * 2 * Dp); dob.resize(kBQ * 2 * Dp); qtp.resize(kBQ * D); pb.resize(kBQ * L); pp.resize(kBQ * L);
-      // the fp32 ones the bf16 path still uses: scores, dP/dS, an output block, dO and O (delta)
-      s.resize(kBQ * L); ds.resize(kBQ * L); o.resize(kBQ * D); dof.resize(kBQ * D); dkt.resize(D * L);
-      dvt.resize(D * L); delta.resize(kBQ);
+      // the fp32 ones the bf16 path still uses: scores, dP/dS, an output block, dK and dV (T, D)
+      s.resize(kBQ * L); ds.resize(kBQ * L); o.resize(kBQ * D); dkt.resize(sh.T * D); dvt.resize(sh.T * D);
+      delta.resize(kBQ);
       return;
     }
     const int64_t T = sh.T, D = sh.D;
@@ -496,6 +502,17 @@ FASTFT_ATTN_CLONES void row_dots(const float* a, const float* b, int64_t rows, i
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t d = 0; d < D; ++d) acc += a[r * D + d] * b[r * D + d];
+    out[r] = acc;
+  }
+}
+
+// row_dots for the bf16 path: a (bf16 rows, stride sa) . b (bf16 rows, stride sb), fp32 sums.
+FASTFT_ATTN_CLONES void row_dots_bf16(const uint16_t* a, int64_t sa, const uint16_t* b, int64_t sb, int64_t rows,
+                                      int64_t D, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += bf16_to_float(a[r * sa + d]) * bf16_to_float(b[r * sb + d]);
     out[r] = acc;
   }
 }
@@ -615,6 +632,7 @@ void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Str
   pair_transpose(kh, ks.t, T, D, w.ktp.data(), 2 * L);
   pair_rows_bf16(kh, ks.t, T, D, w.kp.data(), 2 * D);
   pair_transpose(vh, vs.t, T, D, w.vtp.data(), 2 * L);
+  // dK, dV accumulate as (T, D) rows (keys as the product's rows), stored without a transpose
   std::fill(w.dkt.begin(), w.dkt.end(), 0.0f);
   std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
   float* S = w.s.data();
@@ -622,7 +640,7 @@ void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Str
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
     const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2);
-    const char* oh = at<char>(o, os, b, h, 2);
+    const uint16_t* oh = at<uint16_t>(o, os, b, h, 2);
     const uint16_t* doh = at<uint16_t>(dout, dos, b, h, 2);
     char* dqh = const_cast<char*>(at<char>(dq, dqs, b, h, 2));
     const float* lse_h = lse + (b * sh.Hq + h) * T;
@@ -630,9 +648,7 @@ void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Str
       const int64_t rows = std::min<int64_t>(kBQ, T - i0), end = i0 + rows;
       copy_rows_bf16(qh + i0 * qs.t, qs.t, rows, D, w.qb.data(), D2);
       copy_rows_bf16(doh + i0 * dos.t, dos.t, rows, D, w.dob.data(), D2);
-      load_rows(kBFloat16, doh + i0 * dos.t, dos.t, rows, D, w.dof.data(), D);
-      load_rows(kBFloat16, oh + i0 * os.t * 2, os.t, rows, D, w.o.data(), D);
-      row_dots(w.dof.data(), w.o.data(), rows, D, w.delta.data());
+      row_dots_bf16(w.dob.data(), D2, oh + i0 * os.t, os.t, rows, D, w.delta.data());
       gemm_bf16(false, w.qb.data(), D2, w.ktp.data(), 2 * L, S, L, rows, T, D, false, kKeyCols, i0);
       softmax_rows(S, L, i0, rows, sh.scale, nullptr, lse_h + i0);
       gemm_bf16(false, w.dob.data(), D2, w.vtp.data(), 2 * L, dS, L, rows, T, D, false, kKeyCols, i0);
@@ -641,18 +657,18 @@ void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Str
       rows_f32_to_bf16(dS, L, rows, end, std::min(L, end + 1), w.pb.data(), L);
       gemm_bf16(false, w.pb.data(), L, w.kp.data(), 2 * D, w.o.data(), D, rows, D, T, false, kKeyDepth, i0);
       store_rows(kBFloat16, dqh + i0 * dqs.t * 2, dqs.t, rows, D, w.o.data(), D);
-      // dV^T += dO^T P
-      pair_rows_bf16(w.dob.data(), D2, rows, D, w.qtp.data(), 2 * D);
+      // dV += P^T dO  (A = P^T: P's pairs along queries; B = dO's pairs along queries)
       pair_rows_f32(S, L, rows, end, w.pp.data(), 2 * L);
-      gemm_bf16(true, w.qtp.data(), 2 * D, w.pp.data(), 2 * L, w.dvt.data(), L, D, T, rows, true, kQueryDepth, i0);
-      // dK^T += Q^T dS
-      pair_rows_bf16(w.qb.data(), D2, rows, D, w.qtp.data(), 2 * D);
+      pair_rows_bf16(w.dob.data(), D2, rows, D, w.qtp.data(), 2 * D);
+      gemm_bf16(true, w.pp.data(), 2 * L, w.qtp.data(), 2 * D, w.dvt.data(), D, T, D, rows, true, kKeyRows, i0);
+      // dK += dS^T Q
       pair_rows_f32(dS, L, rows, end, w.pp.data(), 2 * L);
-      gemm_bf16(true, w.qtp.data(), 2 * D, w.pp.data(), 2 * L, w.dkt.data(), L, D, T, rows, true, kQueryDepth, i0);
+      pair_rows_bf16(w.qb.data(), D2, rows, D, w.qtp.data(), 2 * D);
+      gemm_bf16(true, w.pp.data(), 2 * L, w.qtp.data(), 2 * D, w.dkt.data(), D, T, D, rows, true, kKeyRows, i0);
     }
   }
-  store_rows(kBFloat16, const_cast<char*>(at<char>(dk, dks, b, hk, 2)), dks.t, T, D, w.dkt.data(), L, true);
-  store_rows(kBFloat16, const_cast<char*>(at<char>(dv, dvs, b, hk, 2)), dvs.t, T, D, w.dvt.data(), L, true);
+  store_rows(kBFloat16, const_cast<char*>(at<char>(dk, dks, b, hk, 2)), dks.t, T, D, w.dkt.data(), D);
+  store_rows(kBFloat16, const_cast<char*>(at<char>(dv, dvs, b, hk, 2)), dvs.t, T, D, w.dvt.data(), D);
 }
 
 Shape make_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, double scale, int dtype) {

@@ -12,6 +12,12 @@ log-sum-exp per row; the backward recomputes the probabilities from it (flash-at
 Why: torch's CPU SDPA flash kernel runs these shapes at about a quarter of the CPU's GEMM rate
 (22 ms forward+backward per SmolLM2 layer, 28% of a LoRA step); see csrc/cpu/attention.cpp.
 
+Precision: fp32 sums throughout. With bf16 inputs on a CPU with AVX512-BF16 the CPU kernel rounds
+p and ds to bf16 before the products that take them (p v, ds k, p^T do, ds^T q), as SDPA's bf16
+CPU kernel does for p v; its error stays within 2x SDPA's (tests/test_attention.py) and it runs
+1.6x faster than fp32 tiles (benchmarks/results/attention.md). ``fastft._C.attention_bf16_dot(False)``
+switches that path off (fp32 tiles, p and ds kept in fp32).
+
 Layouts: inputs may be any strided view with a contiguous last dim (HF's ``view().transpose(1,2)``
 of the projections is read in place). The output is returned as a (B, Hq, T, D) view of a
 (B, T, Hq, D)-contiguous tensor, so HF's ``transpose(1, 2).reshape(B, T, -1)`` before ``o_proj``
