@@ -148,6 +148,9 @@ def describe() -> dict:
             choices[op] = f"{choose_backend(op, dev)} (on {dev})"
         except RuntimeError as e:
             choices[op] = f"error: {e}"
+    if dev == "cpu" and choices.get("attention", "").startswith("cpu") and hasattr(ext, "attention_bf16_dot"):
+        dot = ext.attention_has_bf16_dot() and ext.attention_bf16_dot()
+        choices["attention"] += ", bf16 inputs: " + ("AVX512-BF16 dot products" if dot else "fp32 FMA tiles")
     info["ops"] = choices
     return info
 
