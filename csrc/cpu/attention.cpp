@@ -507,13 +507,25 @@ FASTFT_ATTN_CLONES void row_dots(const float* a, const float* b, int64_t rows, i
 }
 
 // row_dots for the bf16 path: a (bf16 rows, stride sa) . b (bf16 rows, stride sb), fp32 sums.
-FASTFT_ATTN_CLONES void row_dots_bf16(const uint16_t* a, int64_t sa, const uint16_t* b, int64_t sb, int64_t rows,
+// Explicit AVX-512 (bf16 -> fp32 is a 16-bit shift): the auto-vectorised loop over the strided
+// rows ran scalar and took 0.6% of a LoRA step (perf), a tenth of the attention kernel.
+FASTFT_BF16_TARGET void row_dots_bf16(const uint16_t* a, int64_t sa, const uint16_t* b, int64_t sb, int64_t rows,
                                       int64_t D, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += bf16_to_float(a[r * sa + d]) * bf16_to_float(b[r * sb + d]);
-    out[r] = acc;
+    const uint16_t* x = a + r * sa;
+    const uint16_t* y = b + r * sb;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m512 xf = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d))), 16));
+      const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + d))), 16));
+      acc = _mm512_fmadd_ps(xf, yf, acc);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; d < D; ++d) sum += bf16_to_float(x[d]) * bf16_to_float(y[d]);
+    out[r] = sum;
   }
 }
 
