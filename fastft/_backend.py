@@ -140,6 +140,9 @@ def describe() -> dict:
         "triton": triton_available(),
     }
     info["cuda_available"] = torch.cuda.is_available()
+    from fastft.runtime import describe as malloc_pages
+
+    info["malloc"] = malloc_pages()
     info["FASTFT_BACKEND"] = os.environ.get("FASTFT_BACKEND", "auto")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     choices = {}

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import click
 
+from fastft.runtime import stock_env
+
 # Loss agreement (relative, per step). Both sides start from the same weights and see the same
 # batches with the same constant lr, so the first loss differs only by bf16 rounding (HF: fp32
 # masters under bf16 autocast, fastft: bf16 weights), and later losses drift apart only as much as
@@ -118,8 +120,11 @@ def run_child(spec: dict, out: Path, log: Path) -> dict:
     spec_path = out.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
     with open(log, "w") as f:
+        # each side runs as its users run it: fastft with what the fastft command sets up
+        # (fastft/runtime.py), HF with the environment the user started fastft with
+        env = dict(os.environ) if spec["side"] == "fastft" else stock_env(dict(os.environ))
         rc = subprocess.call([sys.executable, "-m", "fastft.bench_runners", str(spec_path), str(out)],
-                             stdout=f, stderr=subprocess.STDOUT)
+                             stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not out.is_file():
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise click.ClickException(f"{spec['side']} run failed (exit {rc}); log {log}:\n{tail}")

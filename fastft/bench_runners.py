@@ -178,10 +178,12 @@ def main(argv: list[str]) -> int:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     from fastft.bench import gemm_rate_bf16
+    from fastft.runtime import describe as malloc_pages
 
     rate = gemm_rate_bf16()  # under the load this run sees (the machine is shared)
     out = run_hf(spec) if spec["side"] == "hf" else run_fastft(spec)
     out["gemm_bf16_flops"] = rate
+    out["settings"]["malloc"] = "huge pages" if "huge pages" in malloc_pages() else "default"
     out["peak_rss_mb_end"] = peak_rss_mb()
     out["load_avg_end"] = os.getloadavg()[0]
     out["threads"] = torch.get_num_threads()

@@ -52,8 +52,16 @@ def env():
 
 
 def main(argv=None):
-    """Entry point: user errors become one line on stderr and exit code 2, no traceback."""
+    """Entry point: user errors become one line on stderr and exit code 2, no traceback.
+
+    Run as the ``fastft`` command (argv None), it first re-executes itself once with malloc on
+    transparent huge pages (fastft/runtime.py; ``FASTFT_HUGEPAGES=0`` turns that off)."""
     from fastft.errors import UserError
+
+    if argv is None:
+        from fastft.runtime import reexec_with_hugepages
+
+        reexec_with_hugepages(sys.argv[1:])
 
     try:
         cli.main(args=argv, prog_name="fastft", standalone_mode=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,10 @@ def test_bench_outputs_and_loss_agreement(tiny):
     for word in ("machine:", "fastft backends:", "bf16 GEMM rate", "fastft/HF: tokens/s"):
         assert word in p.stdout
     res = json.loads((tiny / "ok" / "results.json").read_text())
+    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
+        # each side as its users run it: the fastft command's huge pages, HF stock (fastft/runtime.py)
+        assert res["fastft"]["settings"]["malloc"] == "huge pages"
+        assert res["hf"]["settings"]["malloc"] == "default"
     for side in ("hf", "fastft"):
         s = res[side]
         assert len(s["losses"]) == 4  # warmup + steps, one loss per optimizer step
