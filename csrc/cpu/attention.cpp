@@ -54,6 +54,30 @@ enum Causal {
   kKeyRows     // C[j][.] = sum_i A[j][i] B[i][.], rows = keys, depth = queries from off: only i >= j
 };
 
+// Lane masks of a tile's two 16-float column halves for its first n (<= kNR) columns.
+inline void tile_masks(int n, __mmask16& m0, __mmask16& m1) {
+  m0 = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  m1 = n >= 32 ? static_cast<__mmask16>(0xFFFF)
+               : (n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0));
+}
+
+// A tile's epilogue: C rows (+)= the 2R accumulators, masked to the tile's columns.
+template <int R>
+__attribute__((target("avx512f"), always_inline)) inline void tile_store(__m512* c0, __m512* c1, float* C,
+                                                                        int64_t ldc, __mmask16 m0, __mmask16 m1,
+                                                                        bool acc) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* c = C + r * ldc;
+    if (acc) {
+      c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, c));
+      c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, c + 16));
+    }
+    _mm512_mask_storeu_ps(c, m0, c0[r]);
+    _mm512_mask_storeu_ps(c + 16, m1, c1[r]);
+  }
+}
+
 // C[R x n] (+)= A[R x (k0..k1)] * B[(k0..k1) x n]; fp32 row-major, n <= kNR. AT: A is stored
 // transposed (A[k * lda + r]), which spares the backward two transposing copies per block.
 template <int R, bool AT>
@@ -61,9 +85,8 @@ __attribute__((target("avx512f"))) void tile_avx512(int64_t k0, int64_t k1, cons
                                                      const float* B, int64_t ldb, float* C, int64_t ldc,
                                                      int n, bool acc) {
   __m512 c0[R], c1[R];
-  const __mmask16 m0 = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-  const __mmask16 m1 = n >= 32 ? static_cast<__mmask16>(0xFFFF)
-                               : (n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0));
+  __mmask16 m0, m1;
+  tile_masks(n, m0, m1);
   // full unrolls keep the 2R accumulators in registers (without them GCC spilled all 16 to the
   // stack on every k step)
 #pragma GCC unroll 8
@@ -79,16 +102,7 @@ __attribute__((target("avx512f"))) void tile_avx512(int64_t k0, int64_t k1, cons
       c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float* c = C + r * ldc;
-    if (acc) {
-      c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, c));
-      c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, c + 16));
-    }
-    _mm512_mask_storeu_ps(c, m0, c0[r]);
-    _mm512_mask_storeu_ps(c + 16, m1, c1[r]);
-  }
+  tile_store<R>(c0, c1, C, ldc, m0, m1, acc);
 }
 
 // The same tile in plain C++ for CPUs without AVX-512 (the compiler vectorises the j loop).
@@ -138,12 +152,15 @@ void tile(int R, bool at, int64_t k0, int64_t k1, const float* A, int64_t lda, c
   return tile_dispatch<false>(R, k0, k1, A, lda, B, ldb, C, ldc, n, acc);
 }
 
-// C[M x N] (+)= A[M x K] * B[K x N] (fp32 row-major), skipping what the causal mask zeroes.
-// Columns outer so one B panel (K x 32) stays in L1 while the row tiles stream past it.
-// at: A is given transposed, A[k * lda + m].
-void gemm(bool at, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M,
-          int64_t N, int64_t K, bool acc, Causal mode, int64_t off) {
+// The micro-tiles of C[M x N] (+)= A[M x K] * B[K x N] that the causal mask leaves: calls
+// tile(i0, j0, R, n, k0, k1) for each, with the depth range [k0, k1) it needs; zeroes (unless
+// acc) the tiles whose whole depth is masked. Columns outer so one B panel (K x 32) stays in L1
+// while the row tiles stream past it. Shared by the fp32 and the bf16-pair GEMMs.
+template <typename Tile>
+void for_each_tile(float* C, int64_t ldc, int64_t M, int64_t N, int64_t K, bool acc, Causal mode, int64_t off,
+                   Tile&& tile) {
   if (mode == kQueryDepth) N = std::min(N, off + K);  // keys after the last query see nothing
+  if (mode == kKeyRows) M = std::min(M, off + K);
   for (int64_t j0 = 0; j0 < N; j0 += kNR) {
     for (int64_t i0 = 0; i0 < M; i0 += kMR) {
       const int R = static_cast<int>(std::min<int64_t>(kMR, M - i0));
@@ -153,6 +170,8 @@ void gemm(bool at, const float* A, int64_t lda, const float* B, int64_t ldb, flo
         if (n <= 0) continue;                // never read: softmax stops at the diagonal
       } else if (mode == kKeyDepth) {
         k1 = std::min(K, off + i0 + R);
+      } else if (mode == kKeyRows) {
+        k0 = std::max<int64_t>(0, i0 - off);  // the tile's first key; later keys see zeros there
       } else if (mode == kQueryDepth) {
         k0 = std::max<int64_t>(0, j0 - off);
         if (k0 >= K) {
@@ -161,9 +180,18 @@ void gemm(bool at, const float* A, int64_t lda, const float* B, int64_t ldb, flo
           continue;
         }
       }
-      tile(R, at, k0, k1, at ? A + i0 : A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, static_cast<int>(n), acc);
+      tile(i0, j0, R, static_cast<int>(n), k0, k1);
     }
   }
+}
+
+// C[M x N] (+)= A[M x K] * B[K x N] (fp32 row-major), skipping what the causal mask zeroes.
+// at: A is given transposed, A[k * lda + m].
+void gemm(bool at, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M,
+          int64_t N, int64_t K, bool acc, Causal mode, int64_t off) {
+  for_each_tile(C, ldc, M, N, K, acc, mode, off, [&](int64_t i0, int64_t j0, int R, int n, int64_t k0, int64_t k1) {
+    tile(R, at, k0, k1, at ? A + i0 : A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, n, acc);
+  });
 }
 
 // Conversions between the I/O dtype and the fp32 work buffers. The glue (conversions, softmax,
@@ -248,9 +276,8 @@ template <int R, bool AT>
 FASTFT_BF16_TARGET void tile_bf16(int64_t p0, int64_t p1, const uint16_t* A, int64_t lda, const uint16_t* B,
                                   int64_t ldb, float* C, int64_t ldc, int n, bool acc) {
   __m512 c0[R], c1[R];
-  const __mmask16 m0 = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-  const __mmask16 m1 = n >= 32 ? static_cast<__mmask16>(0xFFFF)
-                               : (n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : static_cast<__mmask16>(0));
+  __mmask16 m0, m1;
+  tile_masks(n, m0, m1);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
   for (int64_t p = p0; p < p1; ++p) {
@@ -266,16 +293,7 @@ FASTFT_BF16_TARGET void tile_bf16(int64_t p0, int64_t p1, const uint16_t* A, int
       c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    float* c = C + r * ldc;
-    if (acc) {
-      c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, c));
-      c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, c + 16));
-    }
-    _mm512_mask_storeu_ps(c, m0, c0[r]);
-    _mm512_mask_storeu_ps(c + 16, m1, c1[r]);
-  }
+  tile_store<R>(c0, c1, C, ldc, m0, m1, acc);
 }
 
 template <bool AT>
@@ -293,39 +311,16 @@ void tile_bf16_dispatch(int R, int64_t p0, int64_t p1, const uint16_t* A, int64_
   }
 }
 
-// gemm() on bf16 pairs: the same loops and causal skips; depth ranges widen to whole pairs, and
+// gemm() on bf16 pairs: the same tiles and causal skips; depth ranges widen to whole pairs, and
 // the element a widened range adds is zero (P and dS are zero above the diagonal up to one
 // column past their block, padded rows and columns are zero).
 void gemm_bf16(bool at, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
                int64_t M, int64_t N, int64_t K, bool acc, Causal mode, int64_t off) {
-  if (mode == kQueryDepth) N = std::min(N, off + K);
-  if (mode == kKeyRows) M = std::min(M, off + K);  // keys after the last query see nothing
-  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
-    for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-      const int R = static_cast<int>(std::min<int64_t>(kMR, M - i0));
-      int64_t n = std::min<int64_t>(kNR, N - j0), k0 = 0, k1 = K;
-      if (mode == kKeyCols) {
-        n = std::min(n, off + i0 + R - j0);
-        if (n <= 0) continue;
-      } else if (mode == kKeyDepth) {
-        k1 = std::min(K, off + i0 + R);
-      } else if (mode == kKeyRows) {
-        k0 = std::max<int64_t>(0, i0 - off);  // the tile's first key; later keys see zeros there
-      } else if (mode == kQueryDepth) {
-        k0 = std::max<int64_t>(0, j0 - off);
-        if (k0 >= K) {
-          if (!acc)
-            for (int r = 0; r < R; ++r) std::memset(C + (i0 + r) * ldc + j0, 0, sizeof(float) * n);
-          continue;
-        }
-      }
-      const uint16_t* a = at ? A + 2 * i0 : A + i0 * lda;
-      if (at) tile_bf16_dispatch<true>(R, k0 / 2, (k1 + 1) / 2, a, lda, B + 2 * j0, ldb, C + i0 * ldc + j0, ldc,
-                                       static_cast<int>(n), acc);
-      else tile_bf16_dispatch<false>(R, k0 / 2, (k1 + 1) / 2, a, lda, B + 2 * j0, ldb, C + i0 * ldc + j0, ldc,
-                                     static_cast<int>(n), acc);
-    }
-  }
+  for_each_tile(C, ldc, M, N, K, acc, mode, off, [&](int64_t i0, int64_t j0, int R, int n, int64_t k0, int64_t k1) {
+    const uint16_t* a = at ? A + 2 * i0 : A + i0 * lda;
+    if (at) tile_bf16_dispatch<true>(R, k0 / 2, (k1 + 1) / 2, a, lda, B + 2 * j0, ldb, C + i0 * ldc + j0, ldc, n, acc);
+    else tile_bf16_dispatch<false>(R, k0 / 2, (k1 + 1) / 2, a, lda, B + 2 * j0, ldb, C + i0 * ldc + j0, ldc, n, acc);
+  });
 }
 
 // vpermw index that interleaves the two 16-element halves of a 32 x 16-bit vector: a0 b0 a1 b1 ...
@@ -339,17 +334,19 @@ FASTFT_BF16_TARGET inline __m512i interleave_index() {
 // missing partner of an odd last row is zero.
 FASTFT_BF16_TARGET void pair_rows_bf16(const uint16_t* src, int64_t st, int64_t rows, int64_t cols, uint16_t* dst,
                                        int64_t ld) {
-  const __m512i idx = interleave_index();
+  // a0 b0 a1 b1 ... from two vectors holding a (lanes 0-15) and b (lanes 32-47)
+  alignas(64) static const uint16_t pick[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(pick);
   for (int64_t k = 0; k < rows; k += 2) {
     const uint16_t* a = src + k * st;
     const uint16_t* b = k + 1 < rows ? a + st : nullptr;
     uint16_t* d = dst + (k / 2) * ld;
     int64_t c = 0;
     for (; c + 16 <= cols; c += 16) {
-      const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c));
-      const __m256i vb = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c)) : _mm256_setzero_si256();
-      const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
-      _mm512_storeu_si512(d + 2 * c, _mm512_permutexvar_epi16(idx, z));
+      const __m512i va = _mm512_maskz_loadu_epi16(0xFFFF, a + c);
+      const __m512i vb = b ? _mm512_maskz_loadu_epi16(0xFFFF, b + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + 2 * c, _mm512_permutex2var_epi16(va, idx, vb));
     }
     for (; c < cols; ++c) {
       d[2 * c] = a[c];
@@ -506,8 +503,15 @@ FASTFT_ATTN_CLONES void row_dots(const float* a, const float* b, int64_t rows, i
   }
 }
 
+// 16 bf16 -> 16 fp32 (a 16-bit shift). The maskz forms: the unmasked intrinsics start from an
+// "undefined" vector that GCC 12 warns about (-Wmaybe-uninitialized, a false positive).
+FASTFT_BF16_TARGET inline __m512 bf16x16_to_f32(const uint16_t* p) {
+  const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16));
+}
+
 // row_dots for the bf16 path: a (bf16 rows, stride sa) . b (bf16 rows, stride sb), fp32 sums.
-// Explicit AVX-512 (bf16 -> fp32 is a 16-bit shift): the auto-vectorised loop over the strided
+// Explicit AVX-512: the auto-vectorised loop over the strided
 // rows ran scalar and took 0.6% of a LoRA step (perf), a tenth of the attention kernel.
 FASTFT_BF16_TARGET void row_dots_bf16(const uint16_t* a, int64_t sa, const uint16_t* b, int64_t sb, int64_t rows,
                                       int64_t D, float* out) {
@@ -517,13 +521,14 @@ FASTFT_BF16_TARGET void row_dots_bf16(const uint16_t* a, int64_t sa, const uint1
     __m512 acc = _mm512_setzero_ps();
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
-      const __m512 xf = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + d))), 16));
-      const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + d))), 16));
+      const __m512 xf = bf16x16_to_f32(x + d);
+      const __m512 yf = bf16x16_to_f32(y + d);
       acc = _mm512_fmadd_ps(xf, yf, acc);
     }
-    float sum = _mm512_reduce_add_ps(acc);
+    alignas(64) float lanes[16];  // (_mm512_reduce_add_ps trips the same GCC 12 warning)
+    _mm512_store_ps(lanes, acc);
+    float sum = 0.0f;
+    for (float l : lanes) sum += l;
     for (; d < D; ++d) sum += bf16_to_float(x[d]) * bf16_to_float(y[d]);
     out[r] = sum;
   }
