@@ -29,6 +29,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fastft/adamw.h"      // Elem<>: per-dtype load/store
@@ -130,19 +131,26 @@ bool has_avx512() {
   return yes;
 }
 
+// Calls fn(std::integral_constant<int, R>) for a tile of R (1..kMR) rows: the row count is a
+// template parameter of the tiles, so their accumulators stay in registers.
+template <typename Fn>
+void with_rows(int R, Fn&& fn) {
+  switch (R) {
+    case 8: return fn(std::integral_constant<int, 8>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    default: return fn(std::integral_constant<int, 1>{});
+  }
+}
+
 template <bool AT>
 void tile_dispatch(int R, int64_t k0, int64_t k1, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                    int64_t ldc, int n, bool acc) {
-  switch (R) {
-    case 8: return tile_avx512<8, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    case 7: return tile_avx512<7, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    case 6: return tile_avx512<6, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    case 5: return tile_avx512<5, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    case 4: return tile_avx512<4, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    case 3: return tile_avx512<3, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    case 2: return tile_avx512<2, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-    default: return tile_avx512<1, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc);
-  }
+  with_rows(R, [&](auto rows) { tile_avx512<decltype(rows)::value, AT>(k0, k1, A, lda, B, ldb, C, ldc, n, acc); });
 }
 
 void tile(int R, bool at, int64_t k0, int64_t k1, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
@@ -299,16 +307,7 @@ FASTFT_BF16_TARGET void tile_bf16(int64_t p0, int64_t p1, const uint16_t* A, int
 template <bool AT>
 void tile_bf16_dispatch(int R, int64_t p0, int64_t p1, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                         float* C, int64_t ldc, int n, bool acc) {
-  switch (R) {
-    case 8: return tile_bf16<8, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    case 7: return tile_bf16<7, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    case 6: return tile_bf16<6, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    case 5: return tile_bf16<5, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    case 4: return tile_bf16<4, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    case 3: return tile_bf16<3, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    case 2: return tile_bf16<2, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-    default: return tile_bf16<1, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc);
-  }
+  with_rows(R, [&](auto rows) { tile_bf16<decltype(rows)::value, AT>(p0, p1, A, lda, B, ldb, C, ldc, n, acc); });
 }
 
 // gemm() on bf16 pairs: the same tiles and causal skips; depth ranges widen to whole pairs, and
