@@ -44,6 +44,8 @@ class ModelConfig:
     fused_blocks: bool = opt(True, "fused RMSNorm/SwiGLU/RoPE kernels in Llama-family blocks")
     fused_attention: bool = opt(True, "fastft's causal attention kernel for plain causal SDPA calls in "
                                 "fused blocks (masks, packing and KV caches keep HF's SDPA)")
+    fused_layers: bool = opt(True, "whole decoder layers with frozen weights (LoRA) as one autograd node "
+                             "(fused blocks and attention; fastft/fused_layer.py)")
     recompute_cheap: bool = opt(True, "rebuild RMSNorm/SwiGLU outputs in backward instead of saving them "
                                 "(fused blocks; ~157 MB less for SmolLM2 full at 4x256 bf16)")
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fastft import recompute
+from fastft.fused_layer import fused_layer_forward, layer_plan
 from fastft.ops.attention import causal_attention
 from fastft.ops.rms_norm import _RMSNormFn, rms_norm
 from fastft.ops.rope import rope
@@ -154,20 +155,34 @@ def _rope_dispatcher(original):
     return apply_rotary_pos_emb
 
 
+def _layer_forward(self, hidden_states, *args, **kwargs):
+    """A whole decoder layer as one autograd node (fastft/fused_layer.py) when the call and the
+    layer allow it (frozen norms and base weights, no mask/cache/hooks), else HF's forward."""
+    plan = None
+    if not args:
+        plan = layer_plan(self, hidden_states, kwargs.get("attention_mask"), kwargs.get("past_key_values"),
+                          kwargs.get("use_cache"), kwargs.get("position_embeddings"), kwargs)
+    if plan is None:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return fused_layer_forward(plan, hidden_states, kwargs["position_embeddings"])
+
+
 def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 # ------------------------------------------------------------------------------------------------
-def patch_blocks(model: nn.Module, attention: bool = True) -> dict[str, int]:
-    """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops, and
-    (``attention``) plain causal SDPA calls through :func:`fastft.ops.attention.causal_attention`.
+def patch_blocks(model: nn.Module, attention: bool = True, layers: bool = True) -> dict[str, int]:
+    """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops,
+    (``attention``) plain causal SDPA calls through :func:`fastft.ops.attention.causal_attention`,
+    and (``layers``, needs ``attention``) whole decoder layers with frozen weights through
+    :mod:`fastft.fused_layer`.
 
     Returns the number of modules patched per kind (``{"rms_norm": n, "mlp": n, "rope": n,
-    "attention": n}``, attention counting the rope-patched modules that also route attention);
-    all zeros for an unsupported architecture. Idempotent.
+    "attention": n, "layer": n}``, attention counting the rope-patched modules that also route
+    attention); all zeros for an unsupported architecture. Idempotent.
     """
-    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0, "layer": 0}
     mt = _model_type(model)
     if mt not in SUPPORTED_MODEL_TYPES:
         return counts
@@ -176,6 +191,7 @@ def patch_blocks(model: nn.Module, attention: bool = True) -> dict[str, int]:
     norm_cls = getattr(mod, f"{prefix}RMSNorm")
     mlp_cls = getattr(mod, f"{prefix}MLP")
     attn_cls = getattr(mod, f"{prefix}Attention")
+    layer_cls = getattr(mod, f"{prefix}DecoderLayer")
     for m in model.modules():
         if getattr(m, "_fastft_fused", False):
             continue
@@ -197,6 +213,9 @@ def patch_blocks(model: nn.Module, attention: bool = True) -> dict[str, int]:
                 _install_attention()
                 counts["attention"] += 1
             kind = "rope"
+        elif type(m) is layer_cls and layers and attention:
+            m.forward = types.MethodType(_layer_forward, m)
+            kind = "layer"
         else:
             continue
         m._fastft_fused = True
@@ -217,10 +236,12 @@ def unpatch_blocks(model: nn.Module) -> int:
         name = m.__dict__.pop("_fastft_modeling", None)
         if name is not None:
             _PATCHED_ATTN[name].discard(m)
-            if not _PATCHED_ATTN[name]:
-                importlib.import_module(name).apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(name)
-                del _PATCHED_ATTN[name]
             m.__dict__.pop("_fastft_attention", None)
+            # every modeling module without a live patched attention module gets its global back
+            # (patched models that were simply dropped leave empty sets behind)
+            for dead in [k for k, live in _PATCHED_ATTN.items() if not live]:
+                importlib.import_module(dead).apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(dead)
+                del _PATCHED_ATTN[dead]
             if not _PATCHED_ATTN:
                 _uninstall_attention()
         del m._fastft_fused

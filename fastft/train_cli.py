@@ -125,7 +125,7 @@ def build(cfg: Config, bundle=None):
         if bundle is None:
             bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.fused_blocks:
-        _patch_blocks(model, cfg.model.fused_attention)
+        _patch_blocks(model, cfg.model.fused_attention, cfg.model.fused_layers)
     if cfg.model.gradient_checkpointing:
         lm = unwrap(model)  # transformers 5 renamed it; keep working on 4.x
         if hasattr(lm, "activation_checkpointing_enable"):
@@ -154,13 +154,13 @@ def build(cfg: Config, bundle=None):
     return model.to(device), tok, bundle, device
 
 
-def _patch_blocks(model, attention: bool = True) -> None:
+def _patch_blocks(model, attention: bool = True, layers: bool = True) -> None:
     """Fused RMSNorm/SwiGLU/RoPE (and causal attention) in supported Llama-family blocks
     (fastft/hf_fast.py); other architectures run HF's code, said once."""
     from fastft import hf_fast
 
     if hf_fast.supported(model):
-        hf_fast.patch_blocks(model, attention=attention)
+        hf_fast.patch_blocks(model, attention=attention, layers=layers)
     else:
         mt = getattr(getattr(model, "config", None), "model_type", None)
         click.echo(f"model.fused_blocks: architecture {mt!r} not supported "

@@ -56,6 +56,22 @@ def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
 
 
+def causal_suffices(attention_mask: torch.Tensor, labels: torch.Tensor, position_ids=None) -> bool:
+    """True when plain causal attention gives every position the loss reads the same output as
+    the mask: a (B, T) 0/1 mask whose rows are right-padded (ones, then zeros) and whose pad
+    positions carry no target. A real token never attends to a later key, so it never sees a pad
+    key; pad positions see other pads, but only their own targets could read them, and those are
+    -100. Then SDPA takes its causal fast path and fastft's causal kernels run (a mask sends
+    them to HF's SDPA), instead of a materialised (B, 1, T, T) mask. Exact, not approximate."""
+    if attention_mask.dim() != 2 or position_ids is not None:
+        return False
+    if bool(attention_mask.all()):
+        return True
+    m = attention_mask
+    right_padded = bool(((m == 0) | (m == 1)).all()) and bool((m[:, 1:] <= m[:, :-1]).all())
+    return right_padded and bool((labels[m == 0] == -100).all())
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM so ``forward`` returns (sum of target-token losses, target count).
 
@@ -77,8 +93,7 @@ class CausalLMLoss(nn.Module):
         """input_ids/labels: (B, T) int64; attention_mask (B, T) 0/1 or a (B, 1, T, T) additive
         mask (packing). Returns (fp32 loss sum, int64 target count)."""
         lm = unwrap(self.model)
-        # an all-ones mask lets SDPA take its causal fast path instead of a materialised mask
-        mask = None if attention_mask.dim() == 2 and bool(attention_mask.all()) and position_ids is None else attention_mask
+        mask = None if causal_suffices(attention_mask, labels, position_ids) else attention_mask
         # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
         # without grad, and inside checkpointed layers, whose own hooks take over)
         with recompute_cheap(self.recompute_cheap):

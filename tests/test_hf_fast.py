@@ -80,8 +80,8 @@ def test_patched_model_matches_hf(model_type, monkeypatch):
     fused = copy.deepcopy(base)
     counts = hf_fast.patch_blocks(fused)
     n_norm = 2 * 2 + 1 + (2 * 2 if model_type == "qwen3" else 0)  # qwen3: q_norm/k_norm too
-    assert counts == {"rms_norm": n_norm, "mlp": 2, "rope": 2, "attention": 2}
-    assert hf_fast.patch_blocks(fused) == {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0}  # idempotent
+    assert counts == {"rms_norm": n_norm, "mlp": 2, "rope": 2, "attention": 2, "layer": 2}
+    assert hf_fast.patch_blocks(fused) == {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0, "layer": 0}  # idempotent
     calls = _Counter(monkeypatch)
     ours32 = _fwd_bwd(fused, ids)
     assert calls.calls == {"rms_norm": n_norm, "swiglu": 2, "rope": 2, "causal_attention": 2}  # fused path ran
@@ -100,7 +100,7 @@ def test_patched_model_matches_hf(model_type, monkeypatch):
             f"{model_type} bf16 {what}: {_maxerr(o, t):.3g} vs HF bf16 {_maxerr(r, t):.3g}"
     # unpatch: back to HF's code, bit-identical results, module global restored
     gc.collect()  # patched models dropped by earlier tests are garbage, not users of the global
-    assert hf_fast.unpatch_blocks(fused) == n_norm + 4
+    assert hf_fast.unpatch_blocks(fused) == n_norm + 6
     mod = hf_fast._modeling(model_type)
     assert not hasattr(mod.apply_rotary_pos_emb, "__fastft_original__")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -127,7 +127,7 @@ def test_unsupported_architecture_is_left_alone():
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     m = transformers.GPT2LMHeadModel(cfg)
     assert not hf_fast.supported(m)
-    assert hf_fast.patch_blocks(m) == {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0}
+    assert hf_fast.patch_blocks(m) == {"rms_norm": 0, "mlp": 0, "rope": 0, "attention": 0, "layer": 0}
 
 
 def _train(model, steps, dtype, ckpt=False):
