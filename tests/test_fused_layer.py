@@ -203,8 +203,8 @@ def test_unpatch_restores_hf_forward():
 @pytest.mark.slow
 def test_lora_training_losses_match_with_and_without_fused_layers(tmp_path, one_thread):
     """End to end through fastft's trainer: 16 LoRA steps (all linear layers, dropout 0.1) on a
-    tiny bf16 Llama, switch on vs off. Measured: the curves agree to 2e-6 relative (bf16 sums of
-    the q/k/v input gradients in another order)."""
+    tiny bf16 Llama, switch on vs off. Measured: the curves agree to 8.1e-4 relative at worst
+    (step 3; bf16 sums of the q/k/v input gradients round in another order, then the runs drift)."""
     import json
 
     from fastft.train_cli import run
@@ -235,3 +235,46 @@ def test_lora_training_losses_match_with_and_without_fused_layers(tmp_path, one_
     assert len(on) == len(off) >= 8 and min(on) < on[0] - 0.05
     for step, (a, b) in enumerate(zip(on, off)):
         assert abs(a - b) <= 2e-3 * abs(b), f"step {step}: fused layers {a:.6f} vs per-op {b:.6f}"
+
+
+def test_causal_suffices_only_for_right_padding_without_pad_targets():
+    from fastft.train_utils import causal_suffices
+
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    lab = torch.tensor([[5, 6, 7, -100], [1, 2, 3, 4]])
+    assert causal_suffices(m, lab)
+    assert causal_suffices(torch.ones_like(m), lab)
+    assert not causal_suffices(m, lab, position_ids=torch.zeros_like(m))  # packed rows
+    assert not causal_suffices(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), lab)  # left padding
+    assert not causal_suffices(torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]]), lab)  # a hole
+    assert not causal_suffices(m, torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]]))  # a pad with a target
+    assert not causal_suffices(torch.zeros(2, 1, 4, 4), lab)  # an additive 4-D mask
+
+
+def test_right_padded_batch_loss_equals_masked(monkeypatch):
+    """The CausalLMLoss path without the mask gives the masked loss and gradients (fp32)."""
+    from fastft.train_utils import CausalLMLoss
+
+    m = _lora_model()
+    hf_fast.patch_blocks(m)
+    ids = _ids(b=3, t=11)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    calls = _Calls(monkeypatch)
+    loss, n = CausalLMLoss(m)(ids, mask, labels)
+    loss.backward()
+    assert calls.n == 2  # no mask reached the layers: the fused path ran
+    got = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    out = m(input_ids=ids, attention_mask=mask, use_cache=False)  # HF's masked SDPA
+    assert calls.n == 2
+    logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+    t = labels[:, 1:]
+    ref = -(logp.gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)).sum()
+    ref.backward()
+    assert int(n) == int((t != -100).sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for k, g in got.items():
+        torch.testing.assert_close(g, m.get_parameter(k).grad, rtol=1e-4, atol=1e-6, msg=k)
