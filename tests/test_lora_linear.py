@@ -204,3 +204,32 @@ def test_zero_rows():
     y = lora_linear(x, base, A, B, 1.0)
     y.sum().backward()
     assert y.shape == (0, 131) and x.grad.shape == (0, 67)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_backward_accumulates_into_a_given_input_gradient(backend, int8, dropout):
+    """lora_backward / int8_backward with ``acc`` (what fastft/fused_layer.py uses to sum the q/k/v
+    and gate/up input gradients): dx comes back as acc + dX in place, the weight grads unchanged."""
+    x, base, A, B, bias, dy = _problem(37, 67, 131, 16, torch.float32, int8, outliers=int8)
+    x, A, B = (t.clone().requires_grad_(True) for t in (x, A, B))
+    prior = torch.randn(37, 67, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(11)
+    y = lora_linear(x, base, A, B, 0.7, dropout=dropout, backend=backend)
+    assert type(y.grad_fn).__name__ == "_LoRALinearFnBackward"
+    plain = ll.lora_backward(y.grad_fn, dy)
+    acc = prior.clone()
+    got = ll.lora_backward(y.grad_fn, dy, acc)
+    assert got[0] is acc
+    torch.testing.assert_close(acc, prior + plain[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2:4], plain[2:4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if not int8:
+        return
+    xi = x.detach().clone().requires_grad_(True)
+    y = ll.int8_linear(xi, base, backend=backend)
+    plain = ll.int8_backward(y.grad_fn, dy)
+    acc = prior.clone()
+    assert ll.int8_backward(y.grad_fn, dy, acc)[0] is acc
+    torch.testing.assert_close(acc, prior + plain[0], rtol=1e-5, atol=1e-5)

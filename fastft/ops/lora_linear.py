@@ -211,16 +211,17 @@ def _base_forward(x: Tensor, base, bias: Tensor | None, backend: str) -> Tensor:
     return y
 
 
-def _base_backward(dy: Tensor, base, backend: str) -> Tensor:
-    """dX = dY W: (N, in) in dY's dtype."""
+def _base_backward(dy: Tensor, base, backend: str, acc: Tensor | None = None) -> Tensor:
+    """dX = dY W: (N, in) in dY's dtype; with ``acc`` (N, in), acc += dY W in place (the GEMM's
+    own accumulate: one rounding to dY's dtype, no (N, in) temporary) and returns acc."""
     if not isinstance(base, Int8Weight):
-        return dy @ base
+        return dy @ base if acc is None else acc.addmm_(dy, base)
     in_f = base.shape[1]
-    dx = torch.empty(dy.shape[0], in_f, dtype=dy.dtype, device=dy.device)
+    dx = torch.empty(dy.shape[0], in_f, dtype=dy.dtype, device=dy.device) if acc is None else acc
     for c0 in range(0, in_f, TILE):  # tile = W[:, c0:c1] dequantised, (out, TILE)
         c1 = min(c0 + TILE, in_f)
         tile = _dequant_tile(base, 0, base.shape[0], c0, c1, dy.dtype, backend)
-        dx[:, c0:c1].addmm_(dy, tile, beta=0)
+        dx[:, c0:c1].addmm_(dy, tile, beta=0 if acc is None else 1)
     return dx
 
 
@@ -334,29 +335,37 @@ class _LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        xd, u, A, B = ctx.saved_tensors
-        base, s, p, seed, backend = ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend
-        dy = dy.contiguous()
-        Ar, Br = A.to(dy.dtype), B.to(dy.dtype)
-        need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
-        dx = dA = dB = dbias = None
-        v = dy @ Br if (need_x or need_A) else None  # (N, r)
-        if need_x:
-            if backend == "triton" or backend == "cuda":
-                dx = _device_backward_dx(dy, base, v if p == 0 else None, Ar, s, backend)
-            else:
-                dx = _base_backward(dy, base, backend)
-                if p == 0:
-                    dx.addmm_(v, Ar, alpha=s)  # in place: no (N, in) temporary
-            if p > 0:
-                _add_masked_lora_dx(dx, v, Ar, s, seed, p)
-        if need_A:
-            dA = torch.mm(v.T, xd).mul_(s).to(A.dtype)  # (r, in)
-        if need_B:
-            dB = torch.mm(dy.T, u).mul_(s).to(B.dtype)  # (out, r)
-        if need_bias:
-            dbias = dy.sum(0)
-        return dx, None, dA, dB, dbias, None, None, None, None
+        return lora_backward(ctx, dy)
+
+
+def lora_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
+    """:class:`_LoRALinearFn`'s gradients for a ctx of its forward. With ``acc`` (N, in) the input
+    gradient is added into it in place (returned as dx): fastft/fused_layer.py sums q/k/v and
+    gate/up input gradients that way, in the GEMM's accumulate instead of a separate add."""
+    xd, u, A, B = ctx.saved_tensors
+    base, s, p, seed, backend = ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend
+    dy = dy.contiguous()
+    Ar, Br = A.to(dy.dtype), B.to(dy.dtype)
+    need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+    dx = dA = dB = dbias = None
+    v = dy @ Br if (need_x or need_A) else None  # (N, r)
+    if need_x:
+        if backend == "triton" or backend == "cuda":
+            dx = _device_backward_dx(dy, base, v if p == 0 else None, Ar, s, backend)
+            dx = dx if acc is None else acc.add_(dx)
+        else:
+            dx = _base_backward(dy, base, backend, acc)
+            if p == 0:
+                dx.addmm_(v, Ar, alpha=s)  # in place: no (N, in) temporary
+        if p > 0:
+            _add_masked_lora_dx(dx, v, Ar, s, seed, p)
+    if need_A:
+        dA = torch.mm(v.T, xd).mul_(s).to(A.dtype)  # (r, in)
+    if need_B:
+        dB = torch.mm(dy.T, u).mul_(s).to(B.dtype)  # (out, r)
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, None, dA, dB, dbias, None, None, None, None
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -373,16 +382,22 @@ class _Int8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dy = dy.contiguous()
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            if ctx.backend in ("triton", "cuda"):
-                dx = _device_backward_dx(dy, ctx.base, None, None, 0.0, ctx.backend)
-            else:
-                dx = _base_backward(dy, ctx.base, ctx.backend)
-        if ctx.needs_input_grad[2]:
-            dbias = dy.sum(0)
-        return dx, None, dbias, None, None
+        return int8_backward(ctx, dy)
+
+
+def int8_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
+    """:class:`_Int8LinearFn`'s gradients; ``acc`` as in :func:`lora_backward`."""
+    dy = dy.contiguous()
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        if ctx.backend in ("triton", "cuda"):
+            dx = _device_backward_dx(dy, ctx.base, None, None, 0.0, ctx.backend)
+            dx = dx if acc is None else acc.add_(dx)
+        else:
+            dx = _base_backward(dy, ctx.base, ctx.backend, acc)
+    if ctx.needs_input_grad[2]:
+        dbias = dy.sum(0)
+    return dx, None, dbias, None, None
 
 
 def int8_linear(x: Tensor, base: Int8Weight, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
