@@ -12,7 +12,15 @@
 //
 // Pointers arrive as uintptr_t, validated by the Python side (dtype, contiguity, shapes,
 // label range). No torch C++ API.
+// GCC 12 reports -Wmaybe-uninitialized / -Wuninitialized inside avx512fintrin.h for unmasked
+// intrinsics (their _mm512_undefined_* pass-through operand; GCC bug 105593, fixed in later releases):
+// 94 false warnings from this file. GCC checks the pragma state at the header's own lines, so the
+// include is where they are silenced; our code keeps every warning.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
