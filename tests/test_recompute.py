@@ -239,7 +239,7 @@ def test_under_hf_gradient_checkpointing(reentrant, runs):
     ids = _ids()
     m.train()
     plain = _loss_and_grads(m, ids, False)
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     ck = _loss_and_grads(m, ids, True)
     # non-reentrant: the layers run under checkpoint's hooks, nothing registered; reentrant: the
     # layers run without grad in forward (nothing saved) and are recomputed outside our context
