@@ -111,8 +111,9 @@ def _proj_fwd(m: nn.Module, kind: str, x: Tensor):
 def _proj_bwd(m: nn.Module, kind: str, state, dy: Tensor, need_x: bool, grads: dict, acc: Tensor | None = None):
     """dX (or None when not needed) for dY; LoRA weight grads go into ``grads``. With ``acc``,
     dX is added into it in place by the GEMM (returns acc): sums of input gradients (q/k/v,
-    gate/up) cost no separate add pass; that add was 0.8-1.0 ms per gate/up pair alone
-    (1024x1536 @ 1536x576 bf16: mm + add_ 5.1-5.3 ms vs addmm_ 4.2-4.4 ms, this machine)."""
+    gate/up) need no (N, in) temporary and no separate add pass. Alone, a gate+up pair
+    (1024x1536 @ 1536x576 bf16) went from 8.9-9.6 to 8.5-8.9 ms; in the step the effect is within
+    the noise (40 paired steps: 1.008, benchmarks/README.md Step 7)."""
     if kind == "linear":
         if not need_x:
             return None
