@@ -27,6 +27,9 @@ import click
 
 from fastft.runtime import stock_env
 
+# the children run without the caller's folder on sys.path (see fastft/runtime.py)
+_RUNNER = "import sys; del sys.path[0]; from fastft.bench_runners import main; sys.exit(main(sys.argv[1:]))"
+
 # Loss agreement (relative, per step). Both sides start from the same weights and see the same
 # batches with the same constant lr, so the first loss differs only by bf16 rounding (HF: fp32
 # masters under bf16 autocast, fastft: bf16 weights), and later losses drift apart only as much as
@@ -123,7 +126,7 @@ def run_child(spec: dict, out: Path, log: Path) -> dict:
         # each side runs as its users run it: fastft with what the fastft command sets up
         # (fastft/runtime.py), HF with the environment the user started fastft with
         env = dict(os.environ) if spec["side"] == "fastft" else stock_env(dict(os.environ))
-        rc = subprocess.call([sys.executable, "-m", "fastft.bench_runners", str(spec_path), str(out)],
+        rc = subprocess.call([sys.executable, "-c", _RUNNER, str(spec_path), str(out)],
                              stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0 or not out.is_file():
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])

@@ -37,14 +37,26 @@ def hugepage_env(env: dict[str, str]) -> dict[str, str] | None:
     return new
 
 
+# ``python -c`` puts the current folder first on sys.path and ``python -m`` does too; either would
+# let a user's own ``kernels.py`` / ``data.py`` (or a clone's root folder) shadow what fastft and
+# transformers import (issue 16). The child therefore drops that first entry before importing
+# anything. (``python -P`` does the same but only exists from Python 3.11; we support 3.10.)
+_CHILD = "import sys; del sys.path[0]; from fastft.cli import main; main()"
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The command line of the re-executed ``fastft``: never the caller's folder on sys.path."""
+    return [sys.executable, "-c", _CHILD, *argv]
+
+
 def reexec_with_hugepages(argv: list[str]) -> None:
-    """Re-run ``python -m fastft.cli ARGV`` with the tunable set; returns only when it is not
+    """Re-run fastft (:func:`child_argv`) with the tunable set; returns only when it is not
     needed or not possible (torch already loaded, exec failed)."""
     env = hugepage_env(dict(os.environ))
     if env is None or "torch" in sys.modules or not sys.executable:
         return
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "fastft.cli", *argv], env)
+        os.execve(sys.executable, child_argv(argv), env)
     except OSError:
         return
 

@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers (ships as ``fastft.kernels``). One file per op."""
