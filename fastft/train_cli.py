@@ -5,7 +5,6 @@ before the run directory is created, so a bad invocation leaves nothing behind.
 """
 from __future__ import annotations
 
-import random
 import shutil
 import time
 from pathlib import Path
@@ -77,7 +76,7 @@ def build(cfg: Config, bundle=None):
     (a ``DataBundle`` of already tokenised rows, e.g. ``fastft bench``'s fixed-length batches)
     replaces the data described by ``cfg.data``."""
     recipe = Recipe(cfg, log=click.echo)
-    recipe.load()
+    recipe.load(check_data=bundle is None)
     recipe.data(bundle)
     recipe.adapt()
     return recipe.model, recipe.tokenizer, recipe.bundle, recipe.device

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from fastft import distributed as dist
-from fastft.errors import ConfigError, DataError, UserError
+from fastft.errors import ConfigError, UserError
 from fastft.lora import Int8Linear, remove_lora, set_module
 
 __all__ = ["Recipe", "seed_everything"]
@@ -108,10 +108,6 @@ class Recipe:
         from fastft.train_utils import resolve_device, resolve_dtype
 
         cfg = self.cfg
-        for key in ("train_file", "validation_file", "test_file"):  # fail before the slow model load
-            path = getattr(cfg.data, key, "")
-            if path and not Path(path).exists():
-                raise DataError(f"data.{key}={path!r}: file not found")
         hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
         device = resolve_device(cfg.train.device)
         if cfg.train.threads:
@@ -123,16 +119,20 @@ class Recipe:
         self.device, self.dtype = device, dtype
         return device
 
-    def load(self):
+    def load(self, check_data: bool = True):
         """Load the model and tokenizer of ``cfg.model`` (once). Returns (model, tokenizer).
 
-        Classification reads the data first: its label set sizes the new head.
+        ``check_data``: read and check ``cfg.data``'s files first (``fastft.data.preflight``), so
+        bad data fails in seconds, before the slow model load (off when the caller brings its own
+        ``DataBundle``). Classification reads the data first anyway: its label set sizes the head.
         """
-        from fastft.data import build_datasets
+        from fastft.data import build_datasets, preflight
         from fastft.model_loading import load_model_and_tokenizer
 
-        self.setup()
         cfg = self.cfg
+        if check_data:
+            preflight(cfg.data)
+        self.setup()
         seed_everything(cfg.train.seed)
         if cfg.data.format == "classification":
             from fastft.data.classification import load_classifier, resolve_package_path
