@@ -10,6 +10,7 @@ gemma3_text (soft-cap), cohere (logit_scale) and granite (logits_scaling) failed
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -42,14 +43,19 @@ def _grads(model):
 
 
 def _hf(model, ids, mask, labels):
+    """HF's own training loss and gradients (the reference)."""
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # models with random routing noise draw the same noise on both sides
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    if loss is None:
+        raise ValueError("the model returned no loss")
     loss.backward()
     return loss.detach(), _grads(model)
 
 
 def _fastft(model, ids, mask, labels, **kw):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
     ls, n = CausalLMLoss(model, **kw)(ids, mask, labels)
     loss = ls / n
     loss.backward()
@@ -84,7 +90,13 @@ def _check(model_type: str, mode: str, pad: bool):
         adapter = adapter_for(model)
     adapter.patch_blocks(model)
     batch = _batch(pad)
-    want, want_g = _hf(ref, *batch)
+    if "loss_function" not in inspect.getsource(type(ref).forward):
+        pytest.skip(f"{type(ref).__name__}'s own loss is not HF's causal-LM loss (shifted labels); "
+                    "fastft trains the shifted objective")
+    try:
+        want, want_g = _hf(ref, *batch)
+    except Exception as e:  # noqa: BLE001  (HF's own model does not run at this tiny config)
+        pytest.skip(f"HF's forward fails at the tiny config: {type(e).__name__}: {str(e)[:100]}")
     got, got_g = _fastft(model, *batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert set(got_g) == set(want_g) and want_g
@@ -93,8 +105,11 @@ def _check(model_type: str, mode: str, pad: bool):
     model.eval()
     ref.eval()
     with torch.no_grad():
+        try:
+            ev_want = ref(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
+        except Exception as e:  # noqa: BLE001  (training matched; HF's own eval path cannot run here)
+            pytest.skip(f"training matched; HF's eval forward fails at the tiny config: {type(e).__name__}")
         ls, cnt = CausalLMLoss(model, fused_ce=False)(*batch, smoothing=False)
-        ev_want = ref(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
     torch.testing.assert_close(ls / cnt, ev_want, rtol=1e-5, atol=1e-6)
     return adapter
 

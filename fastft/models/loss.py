@@ -109,6 +109,7 @@ class CausalLMLoss(nn.Module):
 
     def _generic(self, lm, input_ids, attention_mask, position_ids, targets, keep, ls):
         kw = {} if position_ids is None else {"position_ids": position_ids}
+        # no cache: a loss never reuses it (and RWKV's stateful eval path breaks at odd sizes)
         out = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
         logits = out.logits[:, :-1][keep].float()  # (N, V): HF's logits, every transform applied
         loss = F.cross_entropy(logits, targets[keep], reduction="sum", label_smoothing=ls)

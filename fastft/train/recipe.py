@@ -96,6 +96,7 @@ class Recipe:
         self._adapted = False
         self._base_dirty = False           # base weights were (or may have been) trained
         self._saved: dict[str, torch.Tensor] = {}
+        self._data_key = None              # (cfg.data, seed) the bundle was built from; None: given
         self._int8_originals: dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------ setup / load
@@ -140,6 +141,7 @@ class Recipe:
 
             tok = load_tokenizer(materialize(resolve_package_path(cfg.model.path), cfg.model.gguf_file))
             self.bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
+            self._data_key = _data_key(cfg)
             seed_everything(cfg.train.seed)
             model, tok, self._new_params = load_classifier(
                 cfg.model.path, self.bundle.label_names, dtype=self.dtype, gguf_file=cfg.model.gguf_file,
@@ -158,11 +160,12 @@ class Recipe:
         from fastft.data import build_datasets
 
         if bundle is not None:
-            self.bundle = bundle
+            self.bundle, self._data_key = bundle, None
         elif self.bundle is None:
             if self.tokenizer is None:
                 raise UserError("Recipe.data(): call load() first (the tokenizer comes with the model)")
             self.bundle = build_datasets(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed)
+            self._data_key = _data_key(self.cfg)
         return self.bundle
 
     # ------------------------------------------------------------------ adapt
@@ -185,6 +188,8 @@ class Recipe:
                 raise ConfigError("Recipe.adapt(cfg): cfg.model differs from the loaded model's; "
                                   "build a new Recipe (or call load()) for another model")
             self.cfg = cfg
+            if self._data_key is not None and self._data_key != _data_key(cfg):
+                self.bundle = None  # its split/shuffle came from another data section or seed: rebuilt
         if self._adapted:
             self.reset()
         cfg = self.cfg
@@ -320,6 +325,10 @@ class Recipe:
 def _model_key(cfg) -> tuple:
     m = cfg.model
     return (m.path, m.gguf_file, m.dtype, m.attn_implementation, m.dropout, cfg.data.format)
+
+
+def _data_key(cfg) -> str:
+    return repr((cfg.data, cfg.train.seed))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
