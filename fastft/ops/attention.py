@@ -121,8 +121,7 @@ class _AttentionFn(torch.autograd.Function):
             _backend.cuda_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
                                               _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
                                               b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
-                                              torch.cuda.current_stream(q.device).cuda_stream,
-                                              _ptr(start), _ptr(end))
+                                              torch.cuda.current_stream(q.device).cuda_stream, _ptr(start))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.backend, ctx.segments = scale, backend, segments
         return out
