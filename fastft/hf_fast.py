@@ -12,8 +12,9 @@ touched):
   checkpointing's recompute takes the same path) and the original everywhere else;
 * with ``attention=True`` (the default), HF's ``sdpa`` attention function, inside a patched
   attention module's forward, runs :func:`fastft.ops.attention.causal_attention` when the call is
-  plain causal self-attention (no mask tensor, no dropout, no cache, no softcap/sinks/bias) and
-  HF's SDPA otherwise (padding masks, packed-sequence masks, generation with a cache).
+  plain causal self-attention (no mask tensor, no dropout, no cache, no softcap/sinks/bias; packed
+  rows inside :func:`packed_segments`, below) and HF's SDPA otherwise (other masks, generation
+  with a cache).
 
 Packed rows (several samples per row, or a pad tail) stay on this path: inside
 :func:`packed_segments` (fastft's training loss enters it when :func:`routes_attention` holds),
