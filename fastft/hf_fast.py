@@ -98,6 +98,10 @@ def routes_attention(model: nn.Module) -> bool:
         return False
     attn_cls = getattr(_modeling(_model_type(model)), _PREFIX[_model_type(model)] + "Attention")
     mods = [m for m in model.modules() if type(m) is attn_cls]
+    # activation checkpointing recomputes layers in backward, outside packed_segments: those
+    # recomputed attention calls would not see the segments, so such models take the mask path
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return False
     return bool(mods) and all(getattr(m, "_fastft_attention", False) for m in mods)
 
 

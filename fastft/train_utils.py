@@ -131,7 +131,7 @@ def _warn_once_packed() -> None:
 
         warnings.warn("fastft: packed rows run with a (B, 1, T, T) block mask and HF's attention (the model's "
                       "attention is not routed through fastft: unsupported architecture, model.fused_attention "
-                      "off, or attn_implementation other than sdpa)", RuntimeWarning, stacklevel=3)
+                      "off, attn_implementation other than sdpa, or gradient checkpointing)", RuntimeWarning, stacklevel=3)
 
 
 class CausalLMLoss(nn.Module):

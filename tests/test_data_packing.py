@@ -265,3 +265,23 @@ def test_unrouted_model_gets_the_block_mask_and_says_so():
         got = _loss_and_grads(model, packed)
     ref = _loss_and_grads(model, unpacked)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_keeps_packed_rows_apart():
+    """Checkpointed layers are recomputed in backward, outside the forward's segment context: such
+    a model must take the block-mask path (said once), and its packed gradients equal unpacked."""
+    import copy
+
+    from fastft import hf_fast, train_utils
+
+    tok, exs = _examples()
+    model = _fastft_model("full", torch.float32)
+    ref_model = copy.deepcopy(model)
+    hf_fast.patch_blocks(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert not hf_fast.routes_attention(model)
+    train_utils._WARNED.discard("packed")
+    with pytest.warns(RuntimeWarning, match="gradient checkpointing"):
+        got = _loss_and_grads(model, PackedCollator(tok.pad_token_id)(pack_examples(exs, 64)))
+    ref = _loss_and_grads(ref_model, Collator(tok.pad_token_id)(exs))
+    assert _agrees(got, ref, None) == []

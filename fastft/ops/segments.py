@@ -41,9 +41,32 @@ class Segments:
 
     __slots__ = ("start", "end", "_cu")
 
-    def __init__(self, start: Tensor, end: Tensor):
+    def __init__(self, start: Tensor, end: Tensor, _checked: bool = False):
+        """Takes (B, T) int32 ``start``/``end`` tables; checks they describe contiguous samples in
+        order (the GPU kernels index keys from them), unless built by this module's builders."""
         self.start, self.end = start, end
         self._cu = None
+        if not _checked:
+            self._check()
+
+    def _check(self) -> None:
+        s, e = self.start, self.end
+        if (s.dim() != 2 or s.shape != e.shape or s.dtype != torch.int32 or e.dtype != torch.int32
+                or not s.is_contiguous() or not e.is_contiguous() or s.device != e.device):
+            raise ValueError(f"Segments: start {tuple(s.shape)} {s.dtype}, end {tuple(e.shape)} {e.dtype}: expected "
+                             "two contiguous (B, T) int32 tensors on one device")
+        if s.numel() == 0:
+            return
+        T = s.shape[1]
+        i = torch.arange(T, device=s.device, dtype=torch.int32)
+        new = s == i
+        prev = torch.cat([s[:, :1], s[:, :-1]], 1)
+        # a sample starts at i (start == i) or continues the previous token's; ends match the starts
+        ok = (new | (s == prev)) & new[:, 0:1] & (e > i) & (e <= T)
+        expect = Segments.from_boundaries(new).end
+        if not bool(ok.all()) or not torch.equal(expect, e):
+            raise ValueError("Segments: start/end do not describe contiguous samples in order (build them with "
+                             "segments_from_cu_seqlens / segments_from_position_ids / segments_from_ids)")
 
     @classmethod
     def from_boundaries(cls, new: Tensor) -> "Segments":
@@ -61,15 +84,16 @@ class Segments:
         nxt = torch.cat([new[:, 1:], torch.ones(B, min(T, 1), dtype=torch.bool, device=new.device)], 1)
         cand = torch.where(nxt, idx + 1, torch.full((), T, dtype=torch.int32, device=new.device))
         end = cand.flip(1).cummin(dim=1).values.flip(1) if T else idx.clone()
-        return cls(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous())
+        return cls(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), _checked=True)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.start.shape)
 
     def to(self, device) -> "Segments":
-        return self if self.start.device == torch.device(device) else Segments(self.start.to(device),
-                                                                                self.end.to(device))
+        if self.start.device == torch.device(device):
+            return self
+        return Segments(self.start.to(device), self.end.to(device), _checked=True)
 
     def is_causal(self) -> bool:
         """True when every row is one sample (plain causal attention)."""
