@@ -223,3 +223,30 @@ def test_a_leak_across_samples_is_caught():
     leaky = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
     with pytest.raises(AssertionError):
         check_against_reference(leaky, q, k, v, dout, seg)
+
+
+def test_cuda_varlen_glue_with_a_stand_in_kernel(monkeypatch):
+    """The CUDA varlen route's glue (cu_seqlens over the flattened B * T tokens, the (B * T, H, D)
+    views, the output's (B, H, T, D) view) with a stand-in for torch's FlashAttention varlen op
+    that runs the reference per sample (no GPU here): equals the packed reference."""
+    from fastft.ops import attention as attn
+
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and window_size == (-1, 0)
+        calls.append((cu_q.tolist(), max_q))
+        out = torch.empty_like(q)
+        for s0, s1 in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            part = [x[s0:s1].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, n, D)
+            out[s0:s1] = attention_reference(*part, scale=scale)[0].transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(attn, "_varlen_route", lambda: (varlen, {"window_size": (-1, 0)}, True))
+    q, k, v, dout = _inputs((2, 4, 2, 45, 16), torch.bfloat16)
+    seg = LAYOUTS["random"](2, 45)
+    got = _run(lambda a, b, c: attn._varlen_cuda(a, b, c, 0.25, seg), q, k, v, dout)
+    ref = _run(lambda a, b, c: attention_reference(a, b, c, scale=0.25, segments=seg), q, k, v, dout)
+    assert calls and calls[0][1] == max(b - a for a, b in zip(calls[0][0], calls[0][0][1:]))
+    for name, a, r in zip(NAMES, got, ref):
+        torch.testing.assert_close(a, r, rtol=0, atol=0, msg=name)

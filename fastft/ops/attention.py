@@ -273,14 +273,18 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seg = _segments_of(q, segments, cu_seqlens, position_ids, segment_ids)
     backend = _backend.choose_backend("attention", q.device, forced)
+    if seg is not None and q.is_cuda and forced is None:
+        # packed rows on CUDA: the vendor's FlashAttention varlen kernel where torch has it; else
+        # fastft's kernel even where the vendor SDPA is the default (SDPA would need a mask)
+        out = _varlen_cuda(q, k, v, scale, seg)
+        if out is not None:
+            return out
+        if backend == "torch":
+            backend = next((b for b in _backend.available_backends("attention", q.device) if b != "torch"), "torch")
     if (backend == "torch" or q.dtype not in _KERNEL_DTYPES
             or (backend in ("triton", "cuda") and q.shape[-1] > _GPU_MAX_HEAD_DIM)):
         if seg is not None:
             return _segment_attention_torch(q, k, v, scale, seg)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
-    if seg is not None and q.is_cuda and forced is None:
-        out = _varlen_cuda(q, k, v, scale, seg)
-        if out is not None:
-            return out
     return _AttentionFn.apply(q, k, v, scale, backend, seg)
