@@ -46,7 +46,7 @@ from torch import nn
 
 from fastft import recompute
 from fastft.fused_layer import fused_layer_forward, layer_plan
-from fastft.ops.attention import causal_attention
+from fastft.ops.attention import causal_attention, packed_rows_supported
 from fastft.ops.segments import Segments
 from fastft.ops.rms_norm import _RMSNormFn, rms_norm
 from fastft.ops.rope import rope
@@ -101,6 +101,9 @@ def routes_attention(model: nn.Module) -> bool:
     # activation checkpointing recomputes layers in backward, outside packed_segments: those
     # recomputed attention calls would not see the segments, so such models take the mask path
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return False
+    p = next(model.parameters(), None)
+    if p is not None and not packed_rows_supported(p.device):  # an extension built before packed rows
         return False
     return bool(mods) and all(getattr(m, "_fastft_attention", False) for m in mods)
 
