@@ -100,6 +100,14 @@ def attention_inputs(lm: nn.Module, attention_mask: torch.Tensor, labels: torch.
     from fastft.ops.segments import segments_from_position_ids
 
     pads_untargeted = bool((labels[attention_mask == 0] == -100).all())
+    if position_ids is None and cu_seqlens is None and causal_suffices(attention_mask, labels):
+        from fastft import _backend
+
+        # right-padded rows: plain causal is exact for every target; the segments (pad tail apart)
+        # only save work in fastft's own kernels (pads stop attending the real tokens), not where
+        # the device's default attention is the vendor's SDPA
+        if _backend.choose_backend("attention", attention_mask.device) == "torch":
+            return None, None
     if _right_padded(attention_mask) and pads_untargeted and hf_fast.routes_attention(lm):
         if cu_seqlens is not None:
             from fastft.ops.segments import segments_from_cu_seqlens
