@@ -109,7 +109,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         (run_dir / "params.txt").write_text(table + "\n")
         click.echo(table)
         click.echo(f"data: {bundle.stats}; {trainer.total_steps} steps of {cfg.train.batch_size}x"
-                   f"{cfg.train.grad_accum} sequences; run dir {run_dir}")
+                   f"{cfg.train.grad_accum} {_rows_phrase(bundle.stats, cfg.data.max_length)}; run dir {run_dir}")
     dist.barrier()
     seed_everything(cfg.train.seed)  # as Recipe.train: dropout masks do not depend on the load
     if ckpt is not None:

@@ -8,10 +8,10 @@ import math
 import torch
 
 from fastft.models import unwrap
-from fastft.models.loss import CausalLMLoss, causal_suffices, ce_sum
+from fastft.models.loss import _WARNED, CausalLMLoss, attention_inputs, causal_suffices, ce_sum  # noqa: F401
 
-__all__ = ["CausalLMLoss", "build_optimizer", "causal_suffices", "ce_sum", "lr_factor", "resolve_device",
-           "resolve_dtype", "set_lr", "unwrap"]
+__all__ = ["CausalLMLoss", "attention_inputs", "build_optimizer", "causal_suffices", "ce_sum", "lr_factor",
+           "resolve_device", "resolve_dtype", "set_lr", "unwrap"]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,8 +12,11 @@ An :class:`Adapter` answers, for one family of Hugging Face ``*ForCausalLM`` mod
   trusted: the registry falls back to the generic adapter rather than guess.
 * ``fused_blocks`` / ``fused_attention``: whether :meth:`Adapter.patch_blocks` rewires the
   decoder blocks (norms, MLP, rotary, attention, whole layers) onto fused kernels.
-* ``drop_causal_mask``: whether a right-padded 0/1 mask may be dropped so plain causal attention
-  runs (fastft's causal kernels need that; exact, see ``fastft.models.loss.causal_suffices``).
+
+How a batch's padding/packing reaches the decoder is the same for every family
+(``fastft.models.loss.attention_inputs``): a right-padded mask whose pads carry no target is
+dropped (exact for causal attention), packed rows get segments where fastft routes the attention
+(``hf_fast.routes_attention``: the llama family's patched blocks) and a block mask elsewhere.
 
 The generic adapter (:func:`generic_adapter`) claims nothing: HF's own forward computes the
 logits (every transform included) and fastft only sums the cross-entropy. Correct for any causal
@@ -105,7 +108,6 @@ class Adapter:
     head_keys: tuple[str, ...] = ()
     fused_blocks: bool = False
     fused_attention: bool = False
-    drop_causal_mask: bool = False
     reason: str = ""  # the generic adapter: why no family adapter applies
     _transform: object = field(default=None, repr=False, compare=False)  # (config) -> HeadTransform
     _patch: object = field(default=None, repr=False, compare=False)      # (model, attention, layers) -> counts
