@@ -82,6 +82,15 @@ def build(cfg: Config, bundle=None):
     return recipe.model, recipe.tokenizer, recipe.bundle, recipe.device
 
 
+def _rows_phrase(stats: dict, max_length: int) -> str:
+    """What one batch row is: a sequence, or a packed row of several samples."""
+    if not stats.get("packed_samples"):
+        return "sequences"
+    rows = max(1, stats.get("train", 1))
+    return (f"packed rows (<= {max_length} tokens; {stats['packed_samples']} samples in {rows} rows, "
+            f"{stats['packed_samples'] / rows:.1f} per row)")
+
+
 def run(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
         metrics_hook=None) -> dict:
     """Programmatic ``fastft train``; returns the trainer summary plus ``run_dir``."""
