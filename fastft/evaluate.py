@@ -28,34 +28,26 @@ def _data_cfg(fmt: str, max_length: int, columns: str, chat_template: str, train
 
 
 def evaluate_lm(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
-    """Mean target-token cross-entropy and perplexity of a causal LM on token examples."""
-    import torch
-
+    """Mean target-token cross-entropy and perplexity of a causal LM on token examples (the
+    trainer's loop and loss: fastft/train/evaluation.py, fastft/models/loss.py)."""
     from fastft.data.collate import Collator
-    from fastft.train_utils import CausalLMLoss
+    from fastft.models.loss import CausalLMLoss
+    from fastft.train.evaluation import lm_eval
 
     if not examples:
         raise UserError("the evaluation data has no examples")
-    loss_mod = CausalLMLoss(model, 0.0, fused_ce=False)
-    collate = Collator(pad_id)
     device = next(model.parameters()).device
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
-            ls, cnt = loss_mod(**b, smoothing=False)
-            total, n = total + float(ls), n + int(cnt)
-    loss = total / max(n, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "target_tokens": n, "examples": len(examples)}
+    m = lm_eval(CausalLMLoss(model, 0.0, fused_ce=False), examples, Collator(pad_id), device, batch_size)
+    return {"eval_loss": m["eval_loss"], "eval_ppl": m["eval_ppl"], "target_tokens": m["eval_tokens"],
+            "examples": len(examples)}
 
 
 def _load_classifier_checkpoint(model_path: str, adapter: str | None):
     """A trained sequence classifier: (model, tokenizer, label names from its config)."""
     from transformers import AutoModelForSequenceClassification
 
-    from fastft.data.classification import resolve_package_path
     from fastft.generate import merge_adapter
-    from fastft.model_loading import load_tokenizer, materialize
+    from fastft.model_loading import load_tokenizer, materialize, resolve_package_path
 
     folder = materialize(resolve_package_path(model_path))
     try:

@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from fastft import _backend
 from fastft.lora import Int8Linear, LoRALinear
-from fastft.ops import rope as _rope
 from fastft.ops.attention import _GPU_MAX_HEAD_DIM, _KERNEL_DTYPES as _ATTN_DTYPES, _AttentionFn
 from fastft.ops.lora_linear import Int8Weight, _device_ok, _Int8LinearFn, _LoRALinearFn, int8_backward, lora_backward
 from fastft.ops.rms_norm import _kernel_ok as _rms_kernel_ok, _RMSNormFn
+from fastft.ops.rope import _kernel_ok as _rope_kernel_ok, _RoPEFn
 from fastft.ops.swiglu import _SwiGLUFn
 
 __all__ = ["layer_plan", "fused_layer_forward"]
@@ -216,10 +216,10 @@ class _DecoderLayerFn(torch.autograd.Function):
             states.append(st)
         q, k, v = ys
         q4, k4, v4 = q.view(B, T, hq, d), k.view(B, T, hkv, d), v.view(B, T, hkv, d)
-        if not _rope._kernel_ok(q4, k4, cos, sin, 2):
+        if not _rope_kernel_ok(q4, k4, cos, sin, 2):
             raise RuntimeError("fused decoder layer: rotary table does not fit the kernel")  # plan checked
         c_rope = _Ctx((True, True, False, False, False, False))
-        qr, kr = _rope._RoPEFn.forward(c_rope, q4, k4, cos, sin, 2, be["rope"])
+        qr, kr = _RoPEFn.forward(c_rope, q4, k4, cos, sin, 2, be["rope"])
         c_att = _Ctx((True, True, True, False, False))
         o = _AttentionFn.forward(c_att, qr.transpose(1, 2), kr.transpose(1, 2), v4.transpose(1, 2),
                                  float(attn.scaling), be["attention"], plan.segments)
@@ -264,7 +264,7 @@ class _DecoderLayerFn(torch.autograd.Function):
         dh2 = _RMSNormFn.backward(c_n2, dx2)[0].add_(dy)
         do = _proj_bwd(P[3], K[3], st[3], dh2, True, grads)
         dq, dk, dv = _AttentionFn.backward(c_att, do.view(B, T, hq, d).transpose(1, 2))[:3]
-        dq, dk = _rope._RoPEFn.backward(c_rope, dq.transpose(1, 2), dk.transpose(1, 2))[:2]
+        dq, dk = _RoPEFn.backward(c_rope, dq.transpose(1, 2), dk.transpose(1, 2))[:2]
         need_h = ctx.needs_input_grad[0]
         dx1 = None
         for m, kind, s, g in zip(P[:3], K[:3], st[:3], (dq, dk, dv.transpose(1, 2))):

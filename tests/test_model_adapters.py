@@ -109,8 +109,9 @@ def _check(model_type: str, mode: str, pad: bool):
             ev_want = ref(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
         except Exception as e:  # noqa: BLE001  (training matched; HF's own eval path cannot run here)
             pytest.skip(f"training matched; HF's eval forward fails at the tiny config: {type(e).__name__}")
-        ls, cnt = CausalLMLoss(model, fused_ce=False)(*batch, smoothing=False)
-    torch.testing.assert_close(ls / cnt, ev_want, rtol=1e-5, atol=1e-6)
+        for fused in (True, False):  # the trainer's eval (its loss module) and `fastft eval`'s
+            ls, cnt = CausalLMLoss(model, fused_ce=fused)(*batch, smoothing=False)
+            torch.testing.assert_close(ls / cnt, ev_want, rtol=1e-5, atol=1e-6)
     return adapter
 
 

