@@ -171,7 +171,8 @@ def epoch(args, overrides: list[str]) -> str:
     lines = [f"\n## One epoch of the bundled instruction set, packed vs unpacked ({time.strftime('%Y-%m-%d %H:%M')})\n",
              f"Command: `python benchmarks/bench_packing.py {' '.join(sys.argv[1:])}`; {_machine()}; "
              f"`fastft train --train.epochs 1`, each run its own process, {args.rounds} alternating rounds.\n",
-             "| side | batch | steps | training s (median) | target tokens | target tokens/s | real tokens | held-out loss |",
+             "| side | batch | steps | training s (median) | target tokens | target tokens/s | real tokens "
+             "| held-out loss |",
              "|---|---|---|---|---|---|---|---|"]
     for p in (False, True):
         v = runs[p][-1]
