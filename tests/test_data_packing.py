@@ -207,10 +207,10 @@ def test_packed_rows_through_fused_layers_equal_unpacked(mode, dtype, monkeypatc
     assert _agrees(got, ref, exact) == []
     # the leaky variant: per-sample positions (RoPE) kept, but each row handed to the attention as
     # one sample (+ its pad tail), so samples see their predecessors: the same check fails
-    from fastft import train_utils
+    from fastft.models import loss as model_loss  # attention_inputs lives with the loss
 
-    real = train_utils.segments_from_position_ids
-    monkeypatch.setattr(train_utils, "segments_from_position_ids",
+    real = model_loss.segments_from_position_ids
+    monkeypatch.setattr(model_loss, "segments_from_position_ids",
                         lambda pos, mask=None: real(torch.arange(pos.shape[1]).expand_as(pos), mask))
     leak = _loss_and_grads(model, packed)
     assert _agrees(leak, ref, exact)  # loss or gradients miss (a random model's loss barely moves in bf16)
