@@ -220,7 +220,8 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
                                    "warmup": warmup, "rounds": rounds, "lr": lr, "seed": seed, "threads": threads,
                                    "malloc": malloc, "hf_compile": hf_compile, "hf_liger": hf_liger,
                                    "hf_base_dtype": hf_base_dtype, "fastft_overrides": list(fastft_override)},
-           "machine": info, "model": minfo, "gemm_flops_parent": rate, "sides": sides, "workloads": {}}
+           "machine": info, "model": minfo, "gemm_flops_parent": rate, "sides": sides,
+           "loss_tolerance": {"first_step_rel": LOSS_RTOL_FIRST, "every_step_rel": LOSS_RTOL}, "workloads": {}}
     base = {"model": model, "hf_models": folders, "hf_base_dtype": hf_base_dtype, "mode": mode, "batch": batch,
             "seq": seq, "total_steps": total, "lr": lr, "device": device, "seed": seed, "threads": threads,
             "hf_int8": hf_int8, "fastft_overrides": list(fastft_override)}
@@ -313,9 +314,9 @@ def print_workload(w: dict, mode: str, device: str) -> None:
             click.echo(f"{p}     compile (warm-up time beyond steady steps, per round, not timed): "
                        + ", ".join(f"{x:.1f} s" for x in s["warmup_extra_s"]))
     ff = sides["fastft"]
-    click.echo(f"{p} MFU = model-FLOPs utilisation: {w['model_flops_per_token'] / 1e9:.3f} GFLOP/token for every "
+    click.echo(f"{p} MFU = model-FLOPs utilisation: {w['model_flops_per_token'] / 1e9:.4g} GFLOP/token for every "
                f"side (every position through the LM head) / best dense GEMM rate {w['gemm_flops_best'] / 1e9:.0f} "
-               f"GFLOP/s; fastft executes {w['fastft_executed_flops_per_token'] / 1e9:.3f} GFLOP/token (head on "
+               f"GFLOP/s; fastft executes {w['fastft_executed_flops_per_token'] / 1e9:.4g} GFLOP/token (head on "
                f"target positions only) = {ff['executed_flops_utilisation']:.1%} of that rate")
     for b, c in w["baselines"].items():
         tgt = "" if c["speed_target"] is None else (

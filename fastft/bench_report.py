@@ -131,7 +131,7 @@ def plot(res: dict, workload: str, path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return f"plot skipped: matplotlib is not installed (results are in results.json)"
+        return "plot skipped: matplotlib is not installed (results are in results.json)"
     w = res["workloads"][workload]
     names = list(w["sides"])
     labels = [BASELINE_NAMES.get(n, "fastft") for n in names]
