@@ -86,12 +86,8 @@ def machine_info(device: str) -> dict:
     info["cores"] = os.cpu_count()
     info["load_avg"] = list(os.getloadavg())
     info["machine"] = platform.machine()
-    if device == "cuda":
-        import torch
-
-        info["device_name"] = torch.cuda.get_device_name(0)
-    else:
-        info["device_name"] = info.get("processor", platform.processor())
+    # on CUDA the children name the GPU: asking here would create a CUDA context in this process
+    info["device_name"] = "GPU (named by the children)" if device == "cuda" else info.get("processor", platform.processor())
     return info
 
 
@@ -228,6 +224,8 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
     for wl in workloads:
         res["workloads"][wl] = run_workload(wl, base, sides, envs, out, rounds, warmup, mcfg, minfo, tok, rate,
                                             device, mode, build_rows)
+        if device == "cuda":
+            info["device_name"] = res["workloads"][wl]["sides"]["fastft"]["settings"].get("device_name", "?")
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     append_history(hist, history_rows(res))
     for wl in workloads:
@@ -291,6 +289,9 @@ def run_workload(wl, base, sides, envs, out, rounds, warmup, mcfg, minfo, tok, r
         sides_out[side] = sm
     cmp = compare(device, mode, wl, sides_out, runs, warmup)
     w = {"data": stats, "prefix": prefix, "sides": sides_out, "model_flops_per_token": fpt,
+         "mfu_definition": ("model-FLOPs utilisation: tokens/s x model_flops_per_token (every position through "
+                            "the LM head, the same for every side) / gemm_flops_best; fastft's "
+                            "executed_flops_utilisation uses the FLOPs it executes (head on target positions)"),
          "fastft_executed_flops_per_token": efpt, "gemm_flops_best": best_rate, **cmp}
     malloc_by_side = {s: sorted({x["settings"]["malloc"] for x in runs[s]}) for s in sides}
     threads_by_side = {s: sorted({x["threads"] for x in runs[s]}) for s in sides}

@@ -134,7 +134,10 @@ def process_settings() -> dict:
                 huge_mb = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return {"malloc": "huge pages" if "huge pages" in describe() else "default",
+    import platform
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() and torch.cuda.is_initialized() else platform.processor()
+    return {"device_name": name, "malloc": "huge pages" if "huge pages" in describe() else "default",
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "anon_huge_pages_mb_end": huge_mb,
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "")}
 

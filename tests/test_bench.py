@@ -280,3 +280,21 @@ def test_text_rows_are_all_targets_and_random_ids_keep_the_mask(tmp_path):
     lab = torch.tensor([[-100] * 3 + [1] * 3] * 2)
     new, new_lab = randomize_ids(ids, lab, 7, 0)
     assert torch.equal(new_lab == -100, lab == -100) and int(new.max()) < 7
+
+
+def test_hf_liger_refusal_on_cuda_without_liger(monkeypatch):
+    """On a CUDA machine without liger-kernel, --hf-liger is refused in one line (checked here by
+    pretending CUDA is present; the flag itself needs a GPU)."""
+    import importlib.util
+
+    import click
+    import torch
+
+    from fastft.bench import check_request
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    with pytest.raises(click.ClickException, match="liger-kernel is not installed"):
+        check_request("cuda", True)
+    check_request("cuda", False)  # plain --device cuda passes the check when CUDA is there
