@@ -192,7 +192,7 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
                f"device {device} ({info['device_name']}); python {info['python']}, torch {info['torch']}, "
                f"transformers {info['transformers']}, peft {info['peft']}")
     click.echo("fastft backends: " + ", ".join(f"{k}={v}" for k, v in info["ops"].items()))
-    folders, tok, minfo = prepare_models(model, model_config, out, seed)
+    folders, tok, minfo = prepare_models(model, model_config, seed)
     folder = minfo["folder"]
     if model_config:
         model = folder  # fastft loads the saved random-init folder as `fastft train --model.path` would

@@ -5,8 +5,8 @@ fp32 one and a bf16 one (for a GGUF source the bf16 one is fastft's 16-bit cache
 folder both are the folder).
 
 ``--model-config FILE.json`` (a Hugging Face ``config.json``: e.g. ``benchmarks/configs/``) builds
-a randomly initialised model from it instead (seeded, fp32, saved once under the run's output
-folder so both sides load the same weights the way they load any checkpoint). Real weights do not
+a randomly initialised model from it instead (seeded, fp32, saved once in fastft's cache so every
+side loads the same weights the way it loads any checkpoint). Real weights do not
 travel to a GPU machine, and speed does not need them. The rows are tokenised with ``--model``'s
 tokenizer when it can be loaded, else with a word-level tokenizer built from the bundled data
 (no download; the GPU machines do not have the SmolLM2 package); when that tokenizer's vocabulary
@@ -74,27 +74,46 @@ def tokenizer_for(model: str):
         return bundled_word_tokenizer(), f"a word-level tokenizer of the bundled data ({model} unavailable: {msg[:120]})"
 
 
-def build_random_model(config_path: str, tok, out: Path, seed: int) -> str:
-    """Save a seeded random-init fp32 model of ``config_path`` (and ``tok``) to ``out``; returns it."""
+def build_random_model(config_path: str, tok, seed: int) -> str:
+    """A seeded random-init fp32 model of ``config_path`` (with ``tok``) as an HF folder in fastft's
+    cache (``$FASTFT_CACHE/bench-random-init/<config name>-<hash of config text and seed>``), built
+    once and shared by later runs (a LoRA and a full run of the GPU check build a 1B model once)."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fastft.model_loading import cache_dir
+
     cfg = read_model_config(config_path)
-    key = json.dumps({"config": Path(config_path).read_text(), "seed": seed})
-    marker = out / "fastft-bench-source.json"
-    if marker.is_file() and marker.read_text() == key and (out / "config.json").is_file():
-        return str(out)  # the same config and seed, built by an earlier run into this --out
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    marker.write_text(key)
-    del model
+    text = Path(config_path).read_text()
+    key = {"config": text, "seed": seed, "tokenizer": [getattr(tok, "name_or_path", ""), len(tok)]}
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+    out = cache_dir() / "bench-random-init" / f"{Path(config_path).stem}-{digest}"
+    if (out / "config.json").is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        del model
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another run won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(out)
 
 
-def prepare_models(model: str, model_config: str | None, out: Path, seed: int) -> tuple[dict, object, dict]:
+def prepare_models(model: str, model_config: str | None, seed: int) -> tuple[dict, object, dict]:
     """(folders {"fp32", "bf16"}, tokenizer, info) for the run; ``info`` says where they came from
     and, for a config, the model's vocab size (``vocab``) for the rows' ids."""
     import torch
@@ -104,7 +123,7 @@ def prepare_models(model: str, model_config: str | None, out: Path, seed: int) -
     if model_config:
         cfg = read_model_config(model_config)  # fail on a bad file before building anything
         tok, tok_desc = tokenizer_for(model)
-        folder = build_random_model(model_config, tok, out / "random-init-model", seed)
+        folder = build_random_model(model_config, tok, seed)
         return ({"fp32": folder, "bf16": folder}, tok,
                 {"source": f"random init (seed {seed}) from {model_config}", "tokenizer": tok_desc,
                  "vocab": int(cfg.vocab_size), "folder": folder})

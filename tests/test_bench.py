@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -16,10 +17,11 @@ from trainer_helpers import make_tiny_model
 
 
 def _bench(tmp_path, out_name: str, *extra: str, mode: str = "full") -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTFT_CACHE": str(tmp_path / "cache")}  # --model-config's random models go there
     args = [sys.executable, "-m", "fastft.cli", "bench", "--model", str(tmp_path / "tiny"), "--mode", mode,
             "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "2", "--lr", "2e-3",
             "--out", str(tmp_path / out_name), "--history", str(tmp_path / "history.csv"), *extra]
-    return subprocess.run(args, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(args, capture_output=True, text=True, timeout=1200, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +103,6 @@ def test_bench_hf_compile_baseline_and_stock_malloc(tiny):
     assert all("malloc" in v and "glibc_tunables" in v for v in settings.values())
     if sys.platform.startswith("linux"):
         # stock: the fastft command's huge pages on its side only (fastft/runtime.py)
-        import os
-
         user = os.environ.get("GLIBC_TUNABLES", "")
         if "glibc.malloc.hugetlb" not in user and os.environ.get("FASTFT_HUGEPAGES", "1") != "0":
             assert settings["fastft"]["malloc"] == "huge pages"
@@ -129,6 +129,27 @@ def test_bench_model_config_runs_end_to_end(tiny):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(res["model"]["folder"]).hidden_size == 32
+    assert res["model"]["folder"].startswith(str(tiny / "cache" / "bench-random-init"))
+
+
+def test_random_model_is_built_once_per_config_and_seed(tmp_path, monkeypatch):
+    from fastft.bench_model import build_random_model, bundled_word_tokenizer
+
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    tok = bundled_word_tokenizer()
+    a = build_random_model(str(tmp_path / "c.json"), tok, 0)
+    stamp = os.stat(os.path.join(a, "model.safetensors")).st_mtime_ns
+    assert build_random_model(str(tmp_path / "c.json"), tok, 0) == a  # reused, not rebuilt
+    assert os.stat(os.path.join(a, "model.safetensors")).st_mtime_ns == stamp
+    b = build_random_model(str(tmp_path / "c.json"), tok, 1)
+    assert b != a  # another seed, another model
+    import safetensors.torch as st
+
+    wa, wb = st.load_file(os.path.join(a, "model.safetensors")), st.load_file(os.path.join(b, "model.safetensors"))
+    assert not all((wa[k] == wb[k]).all() for k in wa if wa[k].dim() == 2)
 
 
 @pytest.mark.slow
