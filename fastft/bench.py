@@ -276,7 +276,7 @@ def run_workload(wl, base, sides, envs, out, rounds, warmup, mcfg, minfo, tok, r
     fpt = model_flops_per_token(mcfg, base["seq"], mode)
     efpt = executed_flops_per_token(mcfg, base["seq"], mode, stats["target_fraction"])
     # MFU against the best dense GEMM rate measured in this run (the parent's and each child's right
-    # before training; on CPU the better of bf16 and fp32): one loaded sample once read 114% MFU
+    # after training; on CPU the better of bf16 and fp32): one loaded sample once read 114% MFU
     best_rate = max([max(rate.values(), default=0.0)] +
                     [max(x["gemm_flops"].values()) for v in runs.values() for x in v])
     sides_out = {}
