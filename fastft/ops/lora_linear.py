@@ -243,6 +243,7 @@ def _cpu_dequant_tile(base: Int8Weight, r0, r1, c0, c1, dtype) -> Tensor:
     return out
 
 
+@_backend.on_input_device
 def _mm(backend, a, b, b_strides, n, scale, scale_on_k, u, v, v_strides, bias) -> Tensor:
     """C = a @ deq(b) (+ bias) + u @ v on the device kernels (see kernels/lora_linear.py)."""
     if backend == "triton":
