@@ -37,11 +37,13 @@ def _lora_mm_kernel(a_ptr, b_ptr, s_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, M, N, K,
     # a: (M, K) row-major (stride_am, 1); b: element (k, n) at k*stride_bk + n*stride_bn (int8 or
     # float); s: (N,) or (K,) fp32/bf16 scales; u: (M, K2) (stride_um, 1); v: (k2, n) at
     # k2*stride_vk + n*stride_vn; bias: (N,); c: (M, N) (stride_cm, 1)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # int64 row/column indices: rm * stride_am (M * K elements) passes 2^31 on big activations
+    # (16 x 8192 tokens x 28672 = 3.8e9); tests/test_int64_offsets.py
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rk = tl.arange(0, BK).to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
@@ -68,7 +70,7 @@ def _lora_mm_kernel(a_ptr, b_ptr, s_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, M, N, K,
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LR:  # epilogue: the LoRA (+ outlier) low-rank product, BK2 columns of it at a time
         for j0 in range(0, K2, BK2):
-            r2 = j0 + tl.arange(0, BK2)
+            r2 = j0 + tl.arange(0, BK2).to(tl.int64)
             u = tl.load(u_ptr + rm[:, None] * stride_um + r2[None, :],
                         mask=(rm[:, None] < M) & (r2[None, :] < K2), other=0.0)
             v = tl.load(v_ptr + r2[:, None] * stride_vk + rn[None, :] * stride_vn,
