@@ -87,7 +87,7 @@ def _lora_mm_kernel(a_ptr, b_ptr, s_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, M, N, K,
 
 def lora_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], n: int, scale: torch.Tensor | None,
             scale_on_k: bool, u: torch.Tensor | None, v: torch.Tensor | None, v_strides: tuple[int, int],
-            bias: torch.Tensor | None) -> torch.Tensor:
+            bias: torch.Tensor | None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """C = a @ deq(b) (+ bias) + u @ v as described in the module docstring.
 
     Args:
@@ -95,6 +95,8 @@ def lora_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], n: int
             ``k*b_strides[0] + n*b_strides[1]``. n: N. scale: (N,) or (K,) when b is int8.
         u: (M, K2) contiguous in a's dtype or None; v: element (k2, n) at ``k2*v_strides[0] +
             n*v_strides[1]``. bias: (N,) or None.
+        tiles: (BM, BN, BK); default the GPU's (64, 128, 32), or 32^3 under the interpreter (fewer
+            numpy calls). Tests pass the GPU tiles to the interpreter to reach their edge cases.
     Returns:
         (M, N) in a's dtype.
     """
@@ -104,7 +106,7 @@ def lora_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], n: int
         return c
     k2 = 0 if u is None else u.shape[1]
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BM, BN, BK = (32, 32, 32) if interp else (64, 128, 32)
+    BM, BN, BK = tiles or ((32, 32, 32) if interp else (64, 128, 32))
     BK2 = min(64, max(16, triton.next_power_of_2(max(k2, 1))))
     dummy = a
     grid = (triton.cdiv(M, BM), triton.cdiv(n, BN))
