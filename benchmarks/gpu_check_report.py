@@ -32,9 +32,9 @@ def _load_json(path: Path):
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        start = text.find("{")  # a log with a JSON object after some warnings
+        start = text.find("{")  # a log: one JSON object among warnings
         try:
-            return json.loads(text[start:]) if start >= 0 else None
+            return json.JSONDecoder().raw_decode(text[start:])[0] if start >= 0 else None
         except json.JSONDecodeError:
             return None
 

@@ -130,3 +130,7 @@ def test_report_from_partial_inputs(tmp_path):
     assert "| full | fastft | 150 | 0.700 | 2000 (peak_rss_mb) | 15.0% | DISAGREE |" in md
     assert "| lora | (no results) |" in md and "- (no env.json)" in md
     assert rep.main([str(tmp_path / "nope")]) == 2
+    # env.json is the env stage's log: warnings around the JSON object
+    (tmp_path / "env.json").write_text('UserWarning: x\n{"ops_by_device": {"swiglu": "cpu: cpu; cuda: triton"}}\nbye\n')
+    assert rep.main([str(tmp_path)]) == 0
+    assert "- swiglu: cpu: cpu; cuda: triton" in (tmp_path / "REPORT.md").read_text()
