@@ -226,6 +226,13 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
                                             device, mode, build_rows)
         if device == "cuda":
             info["device_name"] = res["workloads"][wl]["sides"]["fastft"]["settings"].get("device_name", "?")
+    # the pre-workload layout, for readers of older results (benchmarks/gpu_check_report.py): the
+    # first workload's HF-eager comparison, named as such
+    w0 = res["workloads"][workloads[0]]
+    res.update({"legacy_view": f"workload {workloads[0]}, fastft vs HF eager", "hf": w0["sides"]["hf"],
+                "fastft": w0["sides"]["fastft"], "loss_check": w0["baselines"]["hf"]["loss_check"],
+                "ratios": {"tokens_per_s": w0["baselines"]["hf"]["tokens_per_s"],
+                           "peak_mem": w0["baselines"]["hf"]["peak_mem"]}})
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     append_history(hist, history_rows(res))
     for wl in workloads:
