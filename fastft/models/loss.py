@@ -160,9 +160,15 @@ class CausalLMLoss(nn.Module):
         ls = self.label_smoothing if smoothing else 0.0
         targets = labels[:, 1:]
         keep = targets != -100
-        mask, segments = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)
         if not self.adapter.fused_ce:
+            # HF's forward gets the mask as given: dropping a right-padding mask is exact only for
+            # causal attention, which an unknown model need not have (BERT-as-LM is bidirectional);
+            # packed rows still get their block mask
+            packed = position_ids is not None or cu_seqlens is not None
+            mask = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)[0] if packed \
+                else attention_mask
             return self._generic(lm, input_ids, mask, position_ids, targets, keep, ls)
+        mask, segments = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)
         # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
         # without grad, and inside checkpointed layers, whose own hooks take over)
         with recompute_cheap(self.recompute_cheap), packed_segments(segments):
