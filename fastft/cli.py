@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("fastft.bench", "bench"),
     "generate": ("fastft.generate", "generate"),
     "eval": ("fastft.evaluate", "eval_cmd"),
+    "search": ("fastft.search.cli", "search"),
 }
 
 
