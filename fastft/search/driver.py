@@ -40,7 +40,14 @@ def make_sampler(name: str, space: Space, seed: int | None):
         return optuna.samplers.TPESampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(space.grid(), seed=seed)
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values):
+            # GridSampler stops the study through Study.stop(), which only works inside
+            # study.optimize(); our ask/tell loop stops by counting (--trials = the grid's size)
+            return None
+
+    return Grid(space.grid(), seed=seed)
 
 
 def make_pruner(name: str):
