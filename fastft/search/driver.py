@@ -200,9 +200,13 @@ def run(config: str | Path | Config | dict | None, space: str | Path | dict, *, 
         # same parameters); the first worker of a study uses `seed` itself: reproducible
         worker_no = int(study.user_attrs.get("fastft_workers", 0))
         study.set_user_attr("fastft_workers", worker_no + 1)
-    study.sampler = make_sampler(sampler, sp, seed + 1000 * worker_no if seed is not None else None)
+    # (not for the grid: GridSampler shuffles the grid with its seed, and every worker must map a
+    # grid id to the same point)
+    offset = 1000 * worker_no if sampler != "grid" else 0
+    study.sampler = make_sampler(sampler, sp, seed + offset if seed is not None else None)
     study.pruner = make_pruner(pruner) if isinstance(pruner, str) else pruner
-    st.recover_interrupted(study, log)
+    with lock:
+        st.recover_interrupted(study, log)
     if base.train.eval_every == 0 and not isinstance(study.pruner, optuna.pruners.NopPruner):
         log("search: train.eval_every=0 evaluates only at the end of a trial; set it to let the pruner "
             "stop hopeless trials early")

@@ -119,10 +119,14 @@ def recover_interrupted(study, log) -> int:
         worker = t.user_attrs.get(WORKER_ATTR)
         if worker is None or _worker_alive(worker) is not False:
             continue
-        # another process may recover the same trial at the same moment: only one state change wins
-        if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+        # callers hold the AskLock (journal), so two workers do not recover the same trial; on
+        # RDB a concurrent recovery makes one of the two updates fail, and that one backs off
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, REASON_ATTR, "interrupted (worker process gone)")
+            if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        study._storage.set_trial_user_attr(t._trial_id, REASON_ATTR, "interrupted (worker process gone)")
         cb(study, study._storage.get_trial(t._trial_id))
         log(f"trial {t.number} was interrupted (its process {worker.rsplit(':', 2)[1]} is gone): "
             f"failed, its parameters queued again")
