@@ -266,6 +266,20 @@ def test_out_of_memory_trial_fails_and_the_study_goes_on(tiny, tmp_path, monkeyp
     assert by_r[2].state.name == "COMPLETE"
 
 
+def test_rdb_url_storage_and_timeout(tiny, tmp_path):
+    """Any Optuna RDB URL works (SQLite here; PostgreSQL/MySQL are the same code); --timeout
+    stops starting trials."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    study = run(base_cfg(tiny, steps=2), space, sampler="random", trials=50, timeout=0.5, storage=url,
+                out=tmp_path / "s", pruner="none", plots=False, log=lambda s: None)
+    assert isinstance(study, optuna.Study)
+    again = optuna.load_study(study_name="search", storage=url)
+    assert 1 <= len(again.trials) < 50 and all(t.state.name == "COMPLETE" for t in again.trials)
+    assert not (tmp_path / "s" / "study.journal").exists()
+    assert len(read_csv(tmp_path / "s" / "trials.csv")) == len(again.trials)
+
+
 def test_rerun_with_another_space_is_refused(tiny, tmp_path, capsys):
     from fastft.cli import main
 

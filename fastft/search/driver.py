@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,7 +73,7 @@ def _base_config(config: str | Path | Config | dict | None, overrides: list[str]
 
 def default_out(config) -> Path:
     stem = Path(config).stem if isinstance(config, (str, Path)) else "search"
-    return Path("runs") / f"search-{stem}"
+    return Path("runs") / (stem if stem.startswith("search") else f"search-{stem}")
 
 
 def _check_existing(study, base: Config, space: Space) -> None:
@@ -227,7 +228,9 @@ def run(config: str | Path | Config | dict | None, space: str | Path | dict, *, 
             waiting = any(t.state == TrialState.WAITING for t in all_trials)
             if not waiting and sum(st.counted(t) for t in all_trials) >= n_total:
                 break
-            trial = study.ask(fixed_distributions=dists)
+            with warnings.catch_warnings():  # RDB: "heartbeat is supposed to be used with optimize";
+                warnings.filterwarnings("ignore", message="Heartbeat")  # _Heartbeat below beats for us
+                trial = study.ask(fixed_distributions=dists)
             trial.set_user_attr(st.WORKER_ATTR, st.worker_id())
         params = dict(trial.params)
         cfg = apply_params_or_none(base, params)
