@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 optuna = pytest.importorskip("optuna")
 
@@ -247,6 +248,32 @@ def test_diverging_trial_fails_with_reason_and_is_never_best(tiny, tmp_path):
     assert "1e-3" in (tmp_path / "s" / "best.yaml").read_text() or "0.001" in (tmp_path / "s" / "best.yaml").read_text()
 
 
+def test_early_stopping_still_stops_a_trial(tiny, tmp_path):
+    # min_delta 100: the second evaluation (step 4) never counts as better -> stop there, of 10
+    cfg = base_cfg(tiny, steps=10, early_stopping_patience=1, early_stopping_min_delta=100.0)
+    study = run(cfg, {"lora.r": {"type": "categorical", "choices": [2]}}, sampler="grid", out=tmp_path / "s",
+                pruner="none", plots=False, log=lambda s: None)
+    (t,) = study.trials
+    assert t.state.name == "COMPLETE" and t.user_attrs["steps"] == 4
+    assert sorted(t.intermediate_values) == [0, 2, 4]  # step 0 is evaluated when early stopping needs it
+
+
+def test_classification_metric_maximised(tiny, tmp_path):
+    """The objective can be any metric the evaluation computes: macro-F1 of a new head on the
+    bundled sentiment set, maximised."""
+    model, _ = tiny
+    cfg = {"model": {"path": str(model), "dtype": "fp32", "fused_ce": False}, "finetune": {"mode": "full"},
+           "data": {"format": "classification", "max_length": 32, "label_names": ["negative", "neutral", "positive"]},
+           "train": {"max_steps": 2, "eval_every": 1, "batch_size": 8, "progress": False},
+           "output": {"tensorboard": False}}
+    space = {"metric": "macro_f1", "train.lr": {"type": "categorical", "choices": [1e-3, 1e-2]}}
+    study = run(cfg, space, sampler="grid", out=tmp_path / "s", pruner="none", plots=False, log=lambda s: None)
+    assert study.direction.name == "MAXIMIZE"
+    assert all(t.state.name == "COMPLETE" and 0.0 <= t.value <= 1.0 for t in study.trials)
+    assert study.best_value == max(t.value for t in study.trials)
+    assert read_csv(tmp_path / "s" / "trials.csv")[0].keys() >= {"macro_f1"}
+
+
 def test_out_of_memory_trial_fails_and_the_study_goes_on(tiny, tmp_path, monkeypatch):
     from fastft.search import objective
 
@@ -293,6 +320,30 @@ def test_rerun_with_another_space_is_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "another space" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_builder_loads_once_or_reloads_when_memory_is_short(tiny, monkeypatch, low_memory):
+    """Full fine-tuning trials copy the kept base weights (one load for the search); with too
+    little free memory for a copy they reload instead, and say so once."""
+    from fastft.config import from_dict
+    from fastft.search import reuse
+
+    if low_memory:
+        monkeypatch.setattr(reuse, "_available_bytes", lambda: 1 << 20)
+    lines = []
+    builder = reuse.TrialBuilder(log=lines.append)
+    cfg = from_dict(base_cfg(tiny, mode="full"))
+    builder.preload(cfg)
+    first = builder.build(cfg)[0]
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)  # as if the trial had trained it
+    second = builder.build(cfg)[0]
+    assert second is not first
+    w0 = next(second.parameters())
+    assert not torch.equal(w0, next(first.parameters()))  # the next trial starts from the base weights
+    assert builder.reloads == (2 if low_memory else 1)  # preload, then (low memory) trial 2
+    assert sum("reload the model" in ln for ln in lines) == (1 if low_memory else 0)
 
 
 def test_plots_without_matplotlib_say_so_in_one_line(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ keeps between trials:
 * **full / partial / head trials** (and LoRA trials that change the base: int8, fused blocks,
   gradient checkpointing) start from ``copy.deepcopy`` of the kept base model — one in-memory
   copy of the weights instead of a reload, i.e. peak memory is two models' weights plus the
-  trial's training state. Their fp32 master sources (bf16 runs) are read from the fp32 safetensors
+  trial's training state. When free memory (MemAvailable) is under three times the weights,
+  trials reload the model from disk instead, and the search says so once. Their fp32 master sources (bf16 runs) are read from the fp32 safetensors
   as ``fastft train`` does (memory-mapped, in the page cache after the first trial).
 * **classification** reloads per trial: ``from_pretrained`` initialises the new head from the
   global RNG in its own order, which a copy cannot replay exactly (the encoders we use load in
@@ -165,6 +166,12 @@ class TrialBuilder:
             self._drop_lora_model()
             gc.collect()
             in_place = self.lora_only and cfg.finetune.mode == "lora"
+            if not in_place and not _room_for_copy(base):
+                free, need = _available_bytes(), _model_bytes(base)
+                self._say_once(f"search: {free / 2**30:.1f} GiB free, a copy of the base weights needs "
+                               f"{need / 2**30:.1f} GiB: trials reload the model instead of copying it")
+                in_place = True
+                self._base.clear()  # this trial uses the kept model up; the next one loads again
             model = self._prepare_base(base if in_place else copy.deepcopy(base), cfg)
         if cfg.finetune.mode == "lora":
             from fastft.finetune import setup_lora
@@ -208,6 +215,28 @@ class TrialBuilder:
 
             attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
         return model.to(resolve_device(cfg.train.device))
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _room_for_copy(model: nn.Module) -> bool:
+    """Is there room for a copy of the base weights plus a trial's training state (optimizer
+    moments and masters, activations: taken as twice the weights again)? Unknown counts as yes."""
+    free = _available_bytes()
+    return free is None or free > 3 * _model_bytes(model)
 
 
 def _remove_lora(model: nn.Module) -> int:
