@@ -91,8 +91,14 @@ def write_plots(study, out: Path, log) -> list[Path]:
     from optuna.trial import TrialState
 
     n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    def importances(s):
+        # PED-ANOVA (Optuna 5's default) needs no scikit-learn; Optuna 4's default fANOVA does
+        return ov.plot_param_importances(s, evaluator=PedAnovaImportanceEvaluator())
+
     plots = [("optimization_history", ov.plot_optimization_history, 1),
-             ("param_importances", ov.plot_param_importances, 2),
+             ("param_importances", importances, 2),
              ("parallel_coordinate", ov.plot_parallel_coordinate, 1)]
     folder = out / "plots"
     written = []
