@@ -117,6 +117,8 @@ def test_bad_space_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, text,
     (["--trials", "0"], "--trials 0"),
     (["--storage", "redis://localhost"], "expected an Optuna RDB URL"),
     (["--metric", "macro_f1"], "metric='macro_f1'"),
+    (["--data.train_file", "/nonexistent/train.jsonl"], "file not found"),
+    (["--model.path", "/nonexistent/model"], "model.path"),
 ])
 def test_bad_arguments_one_line_exit_2(tiny, tmp_path, capsys, argv, needle):
     from fastft.cli import main
@@ -125,7 +127,7 @@ def test_bad_arguments_one_line_exit_2(tiny, tmp_path, capsys, argv, needle):
     space.write_text("train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}\n")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        main(["search", "--space", str(space), "--out", str(out), *argv, *cli_args(tiny)])
+        main(["search", "--space", str(space), "--out", str(out), *cli_args(tiny), *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err

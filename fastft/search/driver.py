@@ -235,9 +235,12 @@ def run(config: str | Path | Config | dict | None, space: str | Path | dict, *, 
         params = dict(trial.params)
         cfg = apply_params_or_none(base, params)
         trial_dir = out / "trials" / f"{trial.number:04d}"
-        with _Heartbeat(study, trial._trial_id):
-            res = (run_config(cfg, trial_dir, builder, trial=trial, metric=sp.metric, log=log) if cfg is not None
-                   else Outcome("failed", reason=_invalid_reason(base, params)))
+        try:
+            with _Heartbeat(study, trial._trial_id):
+                res = (run_config(cfg, trial_dir, builder, trial=trial, metric=sp.metric, log=log)
+                       if cfg is not None else Outcome("failed", reason=_invalid_reason(base, params)))
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (whose handler finishes the step)
+            res = Outcome("interrupted", reason="interrupted (Ctrl-C) before training")
         interrupted = _tell(study, trial, res)
         write_trials_csv(study, sp, out / "trials.csv")
         write_best_yaml(study, base, sp, out)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from fastft.config import Config
-from fastft.errors import ConfigError, DataError
+from fastft.errors import ConfigError
 
 # keys whose change needs a new copy of the base model (the model's structure or dtypes change)
 _STRUCTURE_KEYS = ("model.", "finetune.mode", "finetune.freeze_embeddings", "finetune.freeze_layers",
@@ -117,7 +117,9 @@ class TrialBuilder:
 
         from transformers.utils import logging as hf_logging
 
-        self._check_files(cfg)
+        from fastft.data import preflight
+
+        preflight(cfg.data)  # unreadable data fails before the slow model load, as in fastft train
         hf_logging.disable_progress_bar()  # as fastft train: no "Loading weights" bars per load
         if cfg.data.format == "classification":
             return
@@ -125,15 +127,6 @@ class TrialBuilder:
         dtype = resolve_dtype(cfg.model.dtype, device)
         _, tok = self._base_model(cfg, dtype)
         self._bundle(cfg, tok)
-
-    @staticmethod
-    def _check_files(cfg: Config) -> None:
-        from pathlib import Path
-
-        for key in ("train_file", "validation_file", "test_file"):
-            path = getattr(cfg.data, key, "")
-            if path and not Path(path).exists():
-                raise DataError(f"data.{key}={path!r}: file not found")
 
     # ------------------------------------------------------------------ one trial
     def build(self, cfg: Config):
@@ -143,7 +136,6 @@ class TrialBuilder:
         from fastft.train_cli import seed_everything
         from fastft.train_utils import resolve_device, resolve_dtype
 
-        self._check_files(cfg)
         if cfg.data.format == "classification":
             self._say_once("search: classification trials load the model per trial (the new head's "
                            "initialisation must match a fresh run's)")
