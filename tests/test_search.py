@@ -457,3 +457,32 @@ def test_two_workers_on_one_journal_share_the_trials(tiny, tmp_path):
     workers = {t.user_attrs["fastft_worker"] for t in study.trials}
     assert len(workers) == 2  # both processes ran trials
     assert len(read_csv(out / "trials.csv")) == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_and_queues_the_trial_again(tiny, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE_YAML)
+    out = tmp_path / "s"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_search_cmd(tiny, out, space, 40), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=tmp_path)
+    deadline = time.time() + 500
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            trial_dir = out / "trials" / "0000"
+            if (trial_dir / "metrics.jsonl").is_file():  # training has started
+                break
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err.decode()[-2000:]
+    study = _load(out)
+    first = study.trials[0]
+    assert first.state.name == "FAIL" and first.user_attrs["fail_reason"].startswith("interrupted (Ctrl-C)")
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    assert len(waiting) == 1 and waiting[0].params == first.params  # the rerun starts with it
