@@ -250,3 +250,32 @@ def test_cuda_varlen_glue_with_a_stand_in_kernel(monkeypatch):
     assert calls and calls[0][1] == max(b - a for a, b in zip(calls[0][0], calls[0][0][1:]))
     for name, a, r in zip(NAMES, got, ref):
         torch.testing.assert_close(a, r, rtol=0, atol=0, msg=name)
+
+
+def test_an_extension_built_before_packed_rows_is_not_handed_them(monkeypatch):
+    """A stale fastft._C (no seg_start argument): causal rows still run it; packed rows take the
+    pure-PyTorch path (warned), and models do not route packed rows to it."""
+    import types
+
+    from fastft.ops import attention as attn
+
+    real = _backend.cpu_ext()
+    if real is None or "cpu" not in _backend.available_backends("attention", "cpu"):
+        pytest.skip("fastft._C has no attention kernel")
+    assert attn._ext_takes_segments(real) and attn.packed_rows_supported("cpu")
+
+    def old_fwd(*a):
+        assert len(a) == 16, "a stale extension takes no segment table"
+        return real.attention_fwd(*a)
+
+    old_fwd.__doc__ = "Causal attention forward"
+    stale = types.SimpleNamespace(attention_fwd=old_fwd, attention_bwd=real.attention_bwd, ops=real.ops)
+    monkeypatch.setattr(_backend, "cpu_ext", lambda: stale)
+    monkeypatch.setattr(_backend, "_warned", set())
+    assert not attn.packed_rows_supported("cpu")
+    q, k, v, dout = _inputs((1, 2, 1, 20, 8), torch.float32)
+    causal_attention(q, k, v, forced="cpu")  # the old argument list
+    seg = LAYOUTS["cross"](1, 20)
+    with pytest.warns(RuntimeWarning, match="predates packed rows"):
+        out = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu", segments=seg), q, k, v, dout)
+    check_against_reference(out, q, k, v, dout, seg)

@@ -48,7 +48,7 @@ from torch import Tensor
 from fastft import _backend
 from fastft.ops.segments import Segments, segments_from_cu_seqlens, segments_from_ids, segments_from_position_ids
 
-__all__ = ["attention_reference", "causal_attention", "Segments"]
+__all__ = ["attention_reference", "causal_attention", "packed_rows_supported", "Segments"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest head dim of the GPU kernels (kernels/attention.py MAX_HEAD_DIM, csrc/cuda/attention.cu
@@ -89,9 +89,16 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _ptr(t: Tensor | None) -> int:
-    """Address of an optional int32 segment table (0 = none: plain causal)."""
-    return 0 if t is None else t.data_ptr()
+def _seg_args(*tables: Tensor | None) -> tuple[int, ...]:
+    """The extensions' trailing segment-table addresses: none for causal rows (so an extension
+    built before packed rows still runs them), else each table's address."""
+    return () if tables[0] is None else tuple(t.data_ptr() for t in tables)
+
+
+def _ext_takes_segments(ext) -> bool:
+    """Whether a built extension's attention takes packed rows (extensions built before issue 20
+    do not: their packed calls take the pure-PyTorch path until rebuilt)."""
+    return "seg_start" in (getattr(ext.attention_fwd, "__doc__", None) or "")
 
 
 def _bthd(b: int, t: int, h: int, d: int, like: Tensor) -> Tensor:
@@ -113,7 +120,7 @@ class _AttentionFn(torch.autograd.Function):
             _backend.cpu_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
                                              _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
                                              b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
-                                             _ptr(start))
+                                             *_seg_args(start))
         elif backend == "triton":
             from fastft.kernels.attention import attention_fwd_triton
             attention_fwd_triton(q, k, v, out, lse, float(scale), start, end)
@@ -121,7 +128,7 @@ class _AttentionFn(torch.autograd.Function):
             _backend.cuda_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
                                               _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
                                               b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
-                                              torch.cuda.current_stream(q.device).cuda_stream, _ptr(start))
+                                              torch.cuda.current_stream(q.device).cuda_stream, *_seg_args(start))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.backend, ctx.segments = scale, backend, segments
         return out
@@ -140,13 +147,13 @@ class _AttentionFn(torch.autograd.Function):
         seg = getattr(ctx, "segments", None)
         start, end = (None, None) if seg is None else (seg.start, seg.end)
         if ctx.backend == "cpu":
-            _backend.cpu_ext().attention_bwd(*args, _ptr(start))
+            _backend.cpu_ext().attention_bwd(*args, *_seg_args(start))
         elif ctx.backend == "triton":
             from fastft.kernels.attention import attention_bwd_triton
             attention_bwd_triton(q, k, v, out, dout, lse, dq, dk, dv, float(ctx.scale), start, end)
         else:
             _backend.cuda_ext().attention_bwd(*args, torch.cuda.current_stream(q.device).cuda_stream,
-                                              _ptr(start), _ptr(end))
+                                              *_seg_args(start, end))
         return dq, dk, dv, None, None, None
 
 
@@ -164,6 +171,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"causal_attention: dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: expected one float dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(f"causal_attention: devices q {q.device}, k {k.device}, v {v.device}: expected one")
+
+
+def packed_rows_supported(device: torch.device | str) -> bool:
+    """Whether the attention backend chosen for ``device`` runs packed rows in fastft's kernels
+    (False only for a C++/CUDA extension built before packed rows existed)."""
+    backend = _backend.choose_backend("attention", device)
+    if backend == "cpu":
+        return _ext_takes_segments(_backend.cpu_ext())
+    if backend == "cuda":
+        return _ext_takes_segments(_backend.cuda_ext())
+    return True
 
 
 def _segments_of(q: Tensor, segments, cu_seqlens, position_ids, segment_ids) -> Segments | None:
@@ -281,6 +299,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
             return out
         if backend == "torch":
             backend = next((b for b in _backend.available_backends("attention", q.device) if b != "torch"), "torch")
+    if seg is not None and backend in ("cpu", "cuda"):
+        ext = _backend.cpu_ext() if backend == "cpu" else _backend.cuda_ext()
+        if not _ext_takes_segments(ext):
+            _backend._warn_once(f"attention_segments_{backend}",
+                                f"fastft: the built {backend} extension predates packed rows; they run the "
+                                "pure-PyTorch path until it is rebuilt (pip install -e . / setup.py build_ext)")
+            backend = "torch"
     if (backend == "torch" or q.dtype not in _KERNEL_DTYPES
             or (backend in ("triton", "cuda") and q.shape[-1] > _GPU_MAX_HEAD_DIM)):
         if seg is not None:
