@@ -307,7 +307,11 @@ def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out
                       "met": res["ratios"]["tokens_per_s"] >= tgt_speed and res["ratios"]["peak_rss"] <= tgt_mem}
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     append_history(hist, res)
-    plot(res, out / "plot.png")
+    from fastft.plot import NO_MATPLOTLIB, have_matplotlib
+
+    drew = have_matplotlib()  # optional: the results above are already written
+    if drew:
+        plot(res, out / "plot.png")
     click.echo(f"{'side':<8}{'step s':>9}{'best s':>9}{'tok/s':>9}{'RSS MB':>9}{'MFU':>8}  settings")
     for side, name in (("hf", "HF"), ("fastft", "fastft")):
         s = res[side]
@@ -322,7 +326,9 @@ def bench(model, mode, batch, seq, steps, warmup, rounds, lr, seed, threads, out
                f"(target <= {tgt_mem}); targets {'met' if res['targets']['met'] else 'NOT met'}")
     click.echo(f"HF loss:     {' '.join(f'{x:.4f}' for x in hf['losses'])}")
     click.echo(f"fastft loss: {' '.join(f'{x:.4f}' for x in ff['losses'])}")
-    click.echo(f"wrote {out / 'results.json'}, {out / 'plot.png'}, appended {hist}")
+    click.echo(f"wrote {out / 'results.json'}, {out / 'plot.png' if drew else '(no plot)'}, appended {hist}")
+    if not drew:
+        click.echo(NO_MATPLOTLIB.replace("fastft plot RUN_DIR", "rerun for plot.png"))
     if not ok:
         click.echo(f"FAIL: loss curves disagree: {msg}")
         raise SystemExit(1)

@@ -247,6 +247,12 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         if summary.get("test"):
             t = summary["test"]
             click.echo(f"test loss: {t['test_loss']:.4f} (ppl {t['test_ppl']:.2f})")
+        from fastft.plot import NO_MATPLOTLIB, write_curves
+
+        try:
+            click.echo(f"curves: {write_curves(run_dir) or NO_MATPLOTLIB}")
+        except UserError as e:  # e.g. interrupted before the first logged step
+            click.echo(f"curves: none ({e})")
         click.echo(f"run dir: {run_dir}")
     dist.cleanup()
     return summary

@@ -158,11 +158,14 @@ class LrSchedule:
     def __init__(self, total: int, warmup: int, kind: str):
         self.total, self.warmup, self.kind = total, warmup, kind
         self.anchor: tuple[int, float] | None = None  # (last step taken, its factor) of an extension
+        self.before: LrSchedule | None = None  # the schedule of the steps before the anchor
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak lr at 0-based optimizer step ``step``."""
-        if self.anchor is None or step < self.anchor[0]:
+        if self.anchor is None:
             return lr_factor(step, self.total, self.warmup, self.kind)
+        if step < self.anchor[0]:
+            return self.before.factor(step)
         s, f = self.anchor
         if self.kind == "constant":
             return f
@@ -179,14 +182,21 @@ class LrSchedule:
                     f"is recomputed over {total} steps (the steps taken keep their lr)")
         last = step - 1
         f = self.factor(last)
-        self.anchor, self.total = (last, f), total
+        prev = LrSchedule(old, self.warmup, self.kind)
+        prev.anchor, prev.before = self.anchor, self.before
+        self.anchor, self.before, self.total = (last, f), prev, total
         how = "stays constant" if self.kind == "constant" else f"decays ({self.kind}) to 0 at step {total}"
         return (f"train.max_steps {old} -> {total} at step {step}: the lr continues from the last step's "
                 f"(x{f:.3g} of train.lr) and {how}; steps 1-{step} keep their lr")
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "warmup": self.warmup, "kind": self.kind, "anchor": self.anchor}
+        return {"total": self.total, "warmup": self.warmup, "kind": self.kind, "anchor": self.anchor,
+                "before": self.before.state_dict() if self.before else None}
 
     def load_state_dict(self, st: dict) -> None:
         self.total, self.warmup, self.kind = st["total"], st["warmup"], st["kind"]
         self.anchor = tuple(st["anchor"]) if st.get("anchor") else None
+        self.before = None
+        if st.get("before"):
+            self.before = LrSchedule(1, 0, self.kind)
+            self.before.load_state_dict(st["before"])
