@@ -143,8 +143,10 @@ class TrainConfig:
     early_stopping_min_delta: float = opt(0.0, "improvement smaller than this does not count", min=0.0)
     load_best_at_end: bool = opt(True, "with early stopping: final/ gets the best checkpoint's weights "
                                  "(the end-of-run evaluation counts)")
-    max_bad_steps: int = opt(5, "stop (exit code 3) after this many optimizer steps in a row skipped for a "
-                             "non-finite loss or gradient norm", min=1)
+    max_bad_steps: int = opt(5, "stop (exit code 3) after this many bad steps in a row: non-finite loss or grad "
+                             "norm (the step is skipped), a grad-norm spike, or a zero grad norm", min=1)
+    grad_norm_spike: float = opt(1000.0, "a grad norm above this many times the median of the last 20 steps "
+                                 "counts as a bad step (0 = off)", min=0.0)
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default, one per core)", min=0)
     progress: bool = opt(True, "show a progress bar")
@@ -414,7 +416,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 RESUME_SAFE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
                "train.keep_last", "train.log_every", "train.early_stopping_metric", "train.early_stopping_mode",
                "train.early_stopping_patience", "train.early_stopping_min_delta", "train.load_best_at_end",
-               "train.max_bad_steps", "train.progress", "train.threads", "output.tensorboard", "output.save_merged",
+               "train.max_bad_steps", "train.grad_norm_spike", "train.progress", "train.threads",
+               "output.tensorboard", "output.save_merged",
                "output.dir", "output.overwrite")
 
 

@@ -99,7 +99,8 @@ class Trainer:
         self.step, self.micro_pos = 0, 0
         self.best, self.bad_evals = None, 0
         self.best_step, self.best_metrics = None, {}
-        self.bad_steps, self.bad_steps_total = 0, 0  # non-finite steps in a row / in all
+        self.bad_steps, self.bad_steps_total = 0, 0  # bad steps in a row / in all (_judge)
+        self._good_norms: list[float] = []  # grad norms of the last good steps
         self._perm: tuple[int, list[int]] = (-1, [])
         self._stop_requested = False
         self.tb = None
@@ -322,14 +323,13 @@ class Trainer:
                 self._maybe_unfreeze()
                 rec = self.train_step()
                 bar.update(rec)
-                self.bad_steps = self.bad_steps + 1 if rec["bad"] else 0
-                self.bad_steps_total += int(rec["bad"])
+                self._judge(rec)
                 if rec["bad"] or self.step % self.t.log_every == 0 or self.step == self.total_steps:
                     self._write({**rec, "bad_steps_total": self.bad_steps_total})
                 if self.bad_steps >= self.t.max_bad_steps:
                     raise TrainingDiverged(
-                        f"training diverged: {self.bad_steps} steps in a row (to step {self.step}) had a non-finite "
-                        f"loss or gradient norm and were skipped; the last good checkpoint is kept (lower "
+                        f"training diverged: {self.bad_steps} steps in a row (to step {self.step}) had a non-finite, "
+                        f"exploding or vanished gradient norm or loss; the last good checkpoint is kept (lower "
                         f"train.lr, now {self.t.lr:g}, or check the data)")
                 is_best = False
                 if self.t.eval_every and self.step % self.t.eval_every == 0 and self.step < self.total_steps:
@@ -340,7 +340,8 @@ class Trainer:
                     is_best = bool(improved) and (self.t.early_stopping_patience > 0 or self.t.save_every > 0)
                     if self.t.early_stopping_patience and self.bad_evals >= self.t.early_stopping_patience:
                         stopped = True
-                periodic = self.t.save_every and self.step % self.t.save_every == 0
+                # a step judged bad is never checkpointed: the newest checkpoint stays a good one
+                periodic = self.t.save_every and self.step % self.t.save_every == 0 and not self.bad_steps
                 if periodic or is_best or self._stop_requested or stopped:
                     # RNG as of this step boundary: a resumed run draws the same dropout masks
                     self._save(ck.rng_state(), best=is_best)
@@ -378,6 +379,32 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return summary
+
+    def _judge(self, rec: dict) -> None:
+        """Mark a step bad (``rec["bad"]``, ``rec["bad_reason"]``) and count bad steps in a row.
+
+        Non-finite loss/norm: the step was skipped inside the optimizer (nothing changed). Two
+        more signs of divergence count too, though their update was applied (clipped, so at most
+        one lr-sized step): a grad norm above ``train.grad_norm_spike`` x the median of the last
+        20 good steps' norms, and an exactly zero norm with target tokens (every gradient
+        saturated: lr 1e8 on the tiny test Llama went 1.3 -> 93 -> 1.6e12 -> 0.0 with a finite,
+        flat loss that a NaN check alone never caught)."""
+        gn, reason = rec["grad_norm"], "non-finite loss or grad norm (step skipped)" if rec["bad"] else ""
+        if not reason and gn == 0.0 and rec["target_tokens"] > 0:
+            reason = "zero grad norm"
+        spike = self.t.grad_norm_spike
+        if not reason and spike and self._good_norms:
+            med = sorted(self._good_norms)[len(self._good_norms) // 2]
+            if gn > spike * med:
+                reason = f"grad norm {gn:.3g} > {spike:g} x the recent median {med:.3g}"
+        rec["bad"] = bool(reason)
+        if reason:
+            rec["bad_reason"] = reason
+            self.bad_steps += 1
+            self.bad_steps_total += 1
+        else:
+            self.bad_steps = 0
+            self._good_norms = (self._good_norms + [gn])[-20:]
 
     def _tracks_best(self) -> bool:
         return self.t.early_stopping_patience > 0 or self.t.save_every > 0

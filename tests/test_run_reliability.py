@@ -203,3 +203,169 @@ class _Saveable(torch.nn.Module):
 
         Path(path).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(Path(path) / "model.safetensors"))
+
+
+# ------------------------------------------------------------------ best model
+def scripted_metric(values):
+    """A metrics hook reporting ``score`` = values[step] (the early-stopping metric of these tests)."""
+    def hook(model, tok, data, step):
+        return {"score": values[step]}
+    return hook
+
+
+def test_early_stopping_final_holds_the_best_weights(tiny, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    scores = {0: 9.0, 2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}  # best at step 4, then two bad evals: stop at 8
+    s = run(None, args(tiny, run_dir, "--train.max_steps", "40", "--train.eval_every", "2", "--train.lr", "1e-2",
+                       "--train.early_stopping_patience", "2", "--train.early_stopping_metric", "score",
+                       "--train.keep_last", "1"), metrics_hook=scripted_metric(scores))
+    assert s["stopped_early"] and s["steps"] == 8 and s["best_step"] == 4 and s["best"] == 1.0
+    root = run_dir / "checkpoints"
+    assert (root / "best").read_text().strip() == "step-000004"
+    best, last = adapter_weights(root / "step-000004"), adapter_weights(root / "step-000008")
+    assert not same(best, last)
+    assert same(adapter_weights(run_dir / "final"), best)  # final/ = the best, not the last
+    evals = {r["step"]: r for r in records(run_dir, "eval")}
+    assert s["eval_after"]["eval_loss"] == evals[4]["eval_loss"]
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("held-out loss before:")]
+    assert f"after: {evals[4]['eval_loss']:.4f}" in line and "best, step 4" in line and "last, step 8" in line
+
+
+def test_end_of_run_evaluation_counts_for_best(tiny, tmp_path):
+    run_dir = tmp_path / "r"
+    scores = {0: 9.0, 2: 3.0, 4: 2.0, 6: 1.0}  # the final evaluation (step 6) is the best
+    s = run(None, args(tiny, run_dir, "--train.max_steps", "6", "--train.eval_every", "2", "--train.lr", "1e-2",
+                       "--train.early_stopping_patience", "3", "--train.early_stopping_metric", "score"),
+            metrics_hook=scripted_metric(scores))
+    assert s["best_step"] == 6 and s["best"] == 1.0 and not s["stopped_early"]
+    root = run_dir / "checkpoints"
+    assert (root / "best").read_text().strip() == "step-000006"
+    assert same(adapter_weights(run_dir / "final"), adapter_weights(root / "step-000006"))
+
+
+def test_load_best_at_end_off_keeps_the_last_weights(tiny, tmp_path):
+    run_dir = tmp_path / "r"
+    s = run(None, args(tiny, run_dir, "--train.max_steps", "40", "--train.eval_every", "2", "--train.lr", "1e-2",
+                       "--train.early_stopping_patience", "1", "--train.early_stopping_metric", "score",
+                       "--train.load_best_at_end", "false"), metrics_hook=scripted_metric({0: 5, 2: 1, 4: 2}))
+    assert s["steps"] == 4 and s["best_step"] == 2
+    assert same(adapter_weights(run_dir / "final"), adapter_weights(run_dir / "checkpoints" / "step-000004"))
+
+
+# ------------------------------------------------------------------ divergence guard
+def non_finite_on_disk(run_dir):
+    """(file, tensor) pairs holding NaN/inf among every safetensors and .pt file under run_dir."""
+    from fastft.checkpoint import first_non_finite
+
+    bad = []
+    for f in Path(run_dir).rglob("*"):
+        if f.suffix == ".safetensors":
+            name = first_non_finite(load_file(str(f)))
+        elif f.suffix == ".pt":
+            name = first_non_finite(torch.load(f, map_location="cpu", weights_only=False))
+        else:
+            continue
+        if name:
+            bad.append((str(f), name))
+    return bad
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_huge_lr_stops_with_exit_3_and_nothing_non_finite_on_disk(tiny, tmp_path, capsys, mode):
+    from fastft.cli import main
+
+    run_dir = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        main(["train"] + args(tiny, run_dir, "--train.lr", "1e8", "--train.max_steps", "40", "--train.save_every",
+                              "1", "--finetune.mode", mode, "--lora.target_modules", "q_proj,v_proj,down_proj"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3
+    assert err.startswith("error: training diverged:") and "\n" not in err and "train.lr" in err
+    assert not (run_dir / "final").exists()
+    assert non_finite_on_disk(run_dir) == []
+    recs = records(run_dir)
+    assert all(r["bad"] for r in recs[-5:]) and not recs[-6]["bad"] and recs[-1]["bad_steps_total"] >= 5
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert newest.name == f"step-{recs[-6]['step']:06d}"  # the last good step; no bad step was saved
+
+
+def _nan_grad_run(tiny, tmp_path, nan_steps, *extra):
+    """Train LoRA with the gradient of one adapter matrix replaced by NaN during ``nan_steps``."""
+    from fastft.config import load_config
+    from fastft.train_cli import build
+    from fastft.trainer import Trainer
+
+    run_dir = tmp_path / "r"
+    cfg = load_config(None, args(tiny, run_dir, "--train.max_steps", "8", "--train.lr", "1e-2", *extra))
+    model, tok, bundle, device = build(cfg)
+    run_dir.mkdir()
+    trainer = Trainer(cfg, run_dir, model, tok, bundle, device)
+    name, p = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+    p.register_hook(lambda g: g * float("nan") if trainer.step + 1 in nan_steps else g)
+    history = {}
+
+    def step_and_record(orig=trainer.train_step):
+        rec = orig()
+        history[trainer.step] = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
+        return rec
+    trainer.train_step = step_and_record
+    return trainer, history, run_dir
+
+
+def test_injected_nan_gradient_is_skipped_and_training_goes_on(tiny, tmp_path):
+    trainer, history, run_dir = _nan_grad_run(tiny, tmp_path, {3})
+    s = trainer.train()
+    assert s["steps"] == 8
+    assert all(torch.equal(history[2][n], history[3][n]) for n in history[2])  # step 3 changed nothing
+    assert not all(torch.equal(history[3][n], history[4][n]) for n in history[3])
+    assert all(torch.isfinite(v).all() for h in history.values() for v in h.values())
+    rec = {r["step"]: r for r in records(run_dir)}
+    assert rec[3]["bad"] and not rec[2]["bad"] and not rec[4]["bad"] and math.isnan(rec[3]["grad_norm"])
+    assert non_finite_on_disk(run_dir) == []
+
+
+def test_injected_nan_gradients_in_a_row_stop_the_run(tiny, tmp_path):
+    trainer, history, run_dir = _nan_grad_run(tiny, tmp_path, set(range(3, 99)), "--train.max_bad_steps", "3",
+                                              "--train.save_every", "1", "--train.max_grad_norm", "0")
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        trainer.train()
+    assert trainer.step == 5 and all(torch.equal(history[2][n], history[5][n]) for n in history[2])
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))[-1] == "step-000002"
+    assert non_finite_on_disk(run_dir) == []
+
+
+def test_saving_a_non_finite_tensor_is_refused(tmp_path):
+    from fastft import checkpoint as ck
+
+    model = _Saveable(torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model.inner.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="inner.weight holds NaN or inf"):
+        ck.save_checkpoint(tmp_path / "c", 1, model, None, False, {"optimizer": {}})
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+# ------------------------------------------------------------------ plots
+def test_curves_png_at_end_of_run_and_fastft_plot(tiny, tmp_path, capsys, monkeypatch):
+    import matplotlib.image
+
+    from fastft import plot
+    from fastft.cli import main
+
+    run_dir = tmp_path / "r"
+    run(None, args(tiny, run_dir, "--train.max_steps", "4", "--train.eval_every", "2"))
+    png = run_dir / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 600
+    png.unlink()
+    main(["plot", str(run_dir)])
+    assert png.is_file() and f"wrote {png}" in capsys.readouterr().out
+    monkeypatch.setattr(plot, "have_matplotlib", lambda: False)
+    png.unlink()
+    main(["plot", str(run_dir)])
+    assert capsys.readouterr().out.strip() == plot.NO_MATPLOTLIB and not png.exists()
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(tmp_path)])
+    assert e.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
