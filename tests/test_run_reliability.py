@@ -369,3 +369,104 @@ def test_curves_png_at_end_of_run_and_fastft_plot(tiny, tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as e:
         main(["plot", str(tmp_path)])
     assert e.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ messages (issue 19, point 8)
+@pytest.mark.parametrize("key, want", [
+    ("train.learning_rate", "did you mean 'train.lr'?"),  # was: train.early_stopping_patience
+    ("train.gradient_accumulation_steps", "did you mean 'train.grad_accum'?"),
+    ("train.foo", None),  # was: "did you mean 'train.lr'" (the shared "train." prefix matched)
+    ("lora.rr", "did you mean 'lora.r'?"),
+    ("trian.lr", "did you mean 'train.lr'?"),
+    ("lr", "did you mean 'train.lr'?"),
+])
+def test_unknown_key_suggestions(key, want):
+    from fastft.config import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"--{key}", "1"])
+    msg = str(e.value)
+    assert msg.startswith(f"unknown config key {key!r}")
+    assert (want in msg) if want else ("did you mean" not in msg)
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    from fastft.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-3\n  max_steps: [1, 2\nlora:\n  r: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert msg == f"{p}:4:5: invalid YAML (expected ',' or ']', but got ':')"
+
+
+def test_missing_value_before_another_flag():
+    from fastft.config import load_config
+    from fastft.train_cli import split_args
+
+    config, overrides, _, _ = split_args(["--train.lr", "--output.dir", "x"])
+    with pytest.raises(ConfigError, match=r"^override --train\.lr needs a value$"):
+        load_config(config, overrides)
+
+
+def test_null_field_is_called_null_not_missing(tmp_path):
+    from fastft.config import DataConfig
+    from fastft.data import load_file
+    from fastft.errors import DataError
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a b", "completion": "c"}\n{"prompt": "d", "completion": null}\n')
+    tok = AutoTokenizer.from_pretrained(str(make_tiny_model(tmp_path / "m", vocab_words=50)))
+    cfg = DataConfig(format="prompt_completion", drop_empty=False, cache=False)
+    with pytest.raises(DataError) as e:
+        load_file(str(data), "prompt_completion", tok, cfg)
+    assert "row 1: column(s) ['completion'] are null" in str(e.value) and "needs column" not in str(e.value)
+    ex, counts = load_file(str(data), "prompt_completion", tok, DataConfig(format="prompt_completion", cache=False))
+    assert len(ex) == 1 and counts["dropped_empty"] == 1  # drop_empty (the default) drops and counts it
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "lora"
+    run(None, args(tiny, run_dir, "--train.max_steps", "2", "--train.save_every", "2"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    run(None, args(tiny, run_dir, "--train.max_steps", "2", "--finetune.mode", "full", "--model.dtype", "fp32"))
+    return run_dir
+
+
+def test_eval_accepts_run_folders(tiny, lora_run, full_run, tmp_path):
+    from fastft.evaluate import run_eval
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a b", "completion": "c"}\n')
+    from fastft.generate import merge_adapter  # noqa: F401
+    via_adapter = run_eval(str(tiny), str(data), "prompt_completion", adapter=str(lora_run / "final" / "adapter"))
+    for m in (lora_run, lora_run / "final", lora_run / "checkpoints" / "step-000002"):
+        assert run_eval(str(m), str(data), "prompt_completion")["eval_loss"] == via_adapter["eval_loss"]
+    direct = run_eval(str(full_run / "final" / "model"), str(data), "prompt_completion")
+    for m in (full_run, full_run / "final"):  # was: "Should have a model_type key"
+        assert run_eval(str(m), str(data), "prompt_completion")["eval_loss"] == direct["eval_loss"]
+
+
+def test_eval_messages_name_eval_options(tiny, tmp_path, capsys):
+    from fastft.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a b", "completion": "c"}\n{not json\n')
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tiny), "--data", str(data), "--format", "prompt_completion"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--on-bad-line skip" in err and "data.on_bad_line" not in err
+    main(["eval", "--model", str(tiny), "--data", str(data), "--format", "prompt_completion", "--on-bad-line", "skip"])
+    assert "examples=1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tiny), "--data", str(data), "--adapter", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "<run>/final/adapter" in err and "<run>/adapter " not in err
