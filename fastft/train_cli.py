@@ -142,7 +142,8 @@ def build(cfg: Config, bundle=None):
     else:
         model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
                                                  attn_implementation=cfg.model.attn_implementation,
-                                                 dropout=cfg.model.dropout)
+                                                 dropout=cfg.model.dropout,
+                                                 int8_base=cfg.lora.int8_base and cfg.finetune.mode == "lora")
         if bundle is None:
             bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.fused_blocks:
