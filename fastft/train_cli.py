@@ -241,9 +241,13 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
                        f"{resume_command(run_dir)}")
         if before or after:
             fmt = lambda d: f"{d['eval_loss']:.4f} (ppl {d['eval_ppl']:.2f})" if d else "n/a"  # noqa: E731
-            last = summary.get("eval_last")
-            tail = (f" (best, step {summary['best_step']}; last, step {summary['steps']}: {fmt(last)})"
-                    if last and summary.get("best_step") not in (None, summary["steps"]) else "")
+            last, bs = summary.get("eval_last"), summary.get("best_step")
+            if last and after is not last:  # final/ holds the best checkpoint's weights
+                tail = f" (best, step {bs}; last, step {summary['steps']}: {fmt(last)})"
+            elif bs is not None and bs != summary["steps"]:
+                tail = f" (last; the best evaluation was step {bs}'s: {cfg.train.early_stopping_metric} {summary['best']:.4g})"
+            else:
+                tail = ""
             click.echo(f"held-out loss before: {fmt(before)}  after: {fmt(after)}{tail}")
         if summary.get("test"):
             t = summary["test"]
