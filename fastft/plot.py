@@ -21,9 +21,11 @@ SMOOTH = 0.9  # EMA weight of the smoothed training loss (TensorBoard's default 
 
 
 def have_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
+    try:  # an import, not find_spec: a broken or blocked install counts as missing
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def read_metrics(path: Path) -> list[dict]:

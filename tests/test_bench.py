@@ -14,10 +14,15 @@ import pytest
 from trainer_helpers import make_tiny_model
 
 
+def _bench_args(tmp_path, out_name: str, *extra: str) -> list[str]:
+    """``fastft bench`` arguments (after ``bench``) for a tiny, fast comparison."""
+    return ["--model", str(tmp_path / "tiny"), "--mode", "full", "--batch", "2", "--seq", "32", "--steps", "3",
+            "--warmup", "1", "--rounds", "1", "--lr", "2e-3", "--out", str(tmp_path / out_name),
+            "--history", str(tmp_path / "history.csv"), *extra]
+
+
 def _bench(tmp_path, out_name: str, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "fastft.cli", "bench", "--model", str(tmp_path / "tiny"), "--mode", "full",
-            "--batch", "2", "--seq", "32", "--steps", "3", "--warmup", "1", "--rounds", "1", "--lr", "2e-3",
-            "--out", str(tmp_path / out_name), "--history", str(tmp_path / "history.csv"), *extra]
+    args = [sys.executable, "-m", "fastft.cli", "bench", *_bench_args(tmp_path, out_name, *extra)]
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 
@@ -55,6 +60,19 @@ def test_bench_outputs_and_loss_agreement(tiny):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     rows = list(csv.DictReader(open(tiny / "history.csv")))
     assert len(rows) == 1 and rows[0]["mode"] == "full" and rows[0]["loss_ok"] == "True"
+
+
+@pytest.mark.slow
+def test_bench_without_matplotlib_finishes_and_says_how_to_get_plots(tiny):
+    from fastft.plot import NO_MATPLOTLIB
+
+    code = "import sys; sys.modules['matplotlib'] = None; from fastft.cli import main; main(sys.argv[1:])"
+    args = [sys.executable, "-c", code, "bench", *_bench_args(tiny, "nompl", "--history", str(tiny / "h2.csv"))]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]  # it crashed at the very end before
+    assert "Traceback" not in p.stderr and (tiny / "nompl" / "results.json").is_file()
+    assert not (tiny / "nompl" / "plot.png").exists()
+    assert NO_MATPLOTLIB.replace("fastft plot RUN_DIR", "rerun for plot.png") in p.stdout
 
 
 @pytest.mark.slow
