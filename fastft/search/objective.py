@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastft.config import Config, save_config
-from fastft.errors import ConfigError, UserError
+from fastft.errors import ConfigError, TrainingDiverged, UserError
 from fastft.trainer import Trainer
 
 
@@ -121,6 +121,10 @@ def run_config(cfg: Config, run_dir: Path, builder, trial=None, metric: str = "e
             out.state, out.reason = "interrupted", f"interrupted (Ctrl-C) at step {summary['steps']}"
             return out
         v = summary.get("eval_after", {}).get(metric)
+        t = run_cfg.train
+        if t.early_stopping_patience and getattr(t, "load_best_at_end", False) and trainer.best_metrics:
+            # fastft train keeps the best evaluation's weights then and reports that evaluation
+            v = trainer.best_metrics.get(metric, v)
         if v is None or not math.isfinite(float(v)):
             out.state, out.reason = "failed", f"diverged: {metric} is {v} after {summary['steps']} steps"
             return out
@@ -129,7 +133,7 @@ def run_config(cfg: Config, run_dir: Path, builder, trial=None, metric: str = "e
     except optuna.TrialPruned as e:
         step = trainer.step if trainer is not None else 0
         return timed(Outcome("pruned", steps=step, pruned_step=step, reason=str(e)))
-    except (FloatingPointError, Diverged) as e:
+    except (FloatingPointError, Diverged, TrainingDiverged) as e:
         step = trainer.step if trainer is not None else 0
         return timed(Outcome("failed", steps=step, reason=f"diverged: {e}"))
     except ConfigError as e:  # a sampled combination the config or the trainer rejects
