@@ -144,6 +144,12 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default, one per core)", min=0)
     progress: bool = opt(True, "show a progress bar")
+    distributed: str = opt("auto", "under torchrun: ddp (whole model per rank), fsdp (FSDP2, sharded) or none; "
+                           "auto = nothing for one process, fsdp for finetune.mode=full, else ddp",
+                           choices=("auto", "none", "ddp", "fsdp"))
+    distributed_timeout: float = opt(600.0, "seconds a collective waits for the other ranks before the job "
+                                     "fails (a dead rank ends the run instead of hanging it)",
+                                     min=0.0, min_exclusive=True)
 
 
 @dataclass

@@ -98,10 +98,12 @@ def build(cfg: Config, bundle=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
-    device = resolve_device(cfg.train.device)
+    # an unsupported distributed mix fails here, before the slow model load
+    dist.check_supported(dist.resolve_strategy(cfg.train.distributed, cfg.finetune.mode), cfg)
+    device = dist.local_device(resolve_device(cfg.train.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist.init(device)
+    dist.init(device, cfg.train.distributed_timeout)
     dtype = resolve_dtype(cfg.model.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
         raise ConfigError("model.dtype=fp16: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
@@ -151,7 +153,10 @@ def build(cfg: Config, bundle=None):
 
         # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/precision.py)
         attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
-    return model.to(device), tok, bundle, device
+    model = model.to(device)
+    if dist.world_size() > 1:  # weights and LoRA init are identical on every rank; dropout is not
+        dist.seed_ranks(cfg.train.seed)
+    return model, tok, bundle, device
 
 
 def _patch_blocks(model, attention: bool = True, layers: bool = True) -> None:
