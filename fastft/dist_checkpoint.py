@@ -41,6 +41,9 @@ from fastft import distributed as dist
 from fastft.errors import UserError
 
 _OPTS = StateDictOptions(ignore_frozen_params=True)
+# loading: the frozen weights come from the base model, so they are not "missing"; a trainable
+# key missing from the checkpoint still fails (dcp.load reads every key of the template)
+_LOAD_OPTS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def is_dcp(ckpt: Path) -> bool:
@@ -94,7 +97,7 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                       options=_OPTS)
+                       options=_LOAD_OPTS)
         st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         rng = _rng_file(ckpt, dist.rank())
         st["rng"] = torch.load(rng, map_location="cpu", weights_only=False) if rng.is_file() else None

@@ -133,6 +133,26 @@ def sum_sq_norms(sumsq: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(sumsq)
 
 
+class RankLost(RuntimeError):
+    """A collective failed: another rank died, or did not answer within the timeout."""
+
+
+_COMM_HINTS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout",
+               "broken pipe", "socket")
+
+
+def lost_rank_error(exc: BaseException, timeout_s: float) -> RankLost | None:
+    """The one-line error for ``exc`` when it is a failed collective of a multi-rank run
+    (None otherwise: a bug or a user error keeps its own message)."""
+    if world_size() <= 1 or isinstance(exc, (KeyboardInterrupt, ConfigError)):
+        return None
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, getattr(dist, "DistError", ())) or any(h in msg.lower() for h in _COMM_HINTS):
+        return RankLost(f"rank {rank()} of {world_size()} lost contact with the other ranks (one died, or did "
+                        f"not answer within train.distributed_timeout={timeout_s:g} s): {msg[:300]}")
+    return None
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
