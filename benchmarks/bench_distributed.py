@@ -3,14 +3,16 @@
 
     python benchmarks/bench_distributed.py [--model default|tiny|PATH] [--mode lora|full]
         [--batch 8] [--seq 256] [--steps 6] [--warmup 2] [--dtype auto|bf16|fp32]
+        [--ranks 2] [--device cpu|cuda]
 
 Same global batch (``--batch`` sequences of ``--seq`` tokens per optimizer step, fixed-length
 rows of random token ids) in three settings, each in fresh processes:
 
 * ``1p x 1t``: one process, 1 thread;
-* ``1p x 2t``: one process, 2 threads (the fair baseline for 2 ranks on 2 cores);
-* ``2r x 1t``: torch.distributed on gloo, 2 ranks x 1 thread, batch/2 per rank, through fastft's
-  own Trainer (``train.distributed=auto``: DDP for LoRA, FSDP2 for full).
+* ``1p x 2t``: one process, 2 threads (CPU only: the fair baseline for 2 ranks on 2 cores);
+* ``2r x 1t``: torch.distributed (gloo on CPU, NCCL with ``--device cuda``, one GPU per rank),
+  ``--ranks`` ranks x 1 thread, batch/ranks per rank, through fastft's own Trainer
+  (``train.distributed=auto``: DDP for LoRA, FSDP2 for full).
 
 Correctness first: the 2-rank run's per-step losses must equal the 1-process losses (same global
 batches; rel 1e-5 in fp32, 2e-2 in bf16) or no timing is printed. Communication share: inside
@@ -59,7 +61,7 @@ def worker(spec: dict) -> None:
         "--model.path", spec["model"], "--model.dtype", spec["dtype"], "--finetune.mode", spec["mode"],
         "--train.batch_size", str(spec["batch"] // world), "--train.max_steps", str(total),
         "--train.scheduler", "constant", "--train.progress", "false", "--output.tensorboard", "false",
-        "--data.val_ratio", "0", "--lora.dropout", "0", "--model.dropout", "0",
+        "--data.val_ratio", "0", "--lora.dropout", "0", "--model.dropout", "0", "--train.device", spec["device"],
         "--output.dir", spec["run_dir"]])
     model, tok, bundle, device = build(cfg, bundle=DataBundle(train=rows))
     tr = Trainer(cfg, Path(spec["run_dir"]), model, tok, bundle, device, log=lambda s: None)
@@ -68,6 +70,8 @@ def worker(spec: dict) -> None:
         dist.barrier()
         t0 = time.perf_counter()
         rec = tr.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(rec["loss"])
     out = {"times": times[spec["warmup"]:], "losses": losses, "strategy": tr.strategy,
@@ -92,7 +96,7 @@ def comm_time(tr, reps: int) -> float:
         by_dtype: dict = {}
         for p in trainable:
             by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
-        bufs = [torch.zeros(n, dtype=dt) for dt, n in by_dtype.items()]
+        bufs = [torch.zeros(n, dtype=dt, device=tr.device) for dt, n in by_dtype.items()]
 
         def once():
             for b in bufs:
@@ -102,8 +106,8 @@ def comm_time(tr, reps: int) -> float:
         for p in tr.model.parameters():
             local = dist.to_local(p)
             sizes[local.dtype] = sizes.get(local.dtype, 0) + local.numel()
-        shards = [torch.zeros(n, dtype=dt) for dt, n in sizes.items()]
-        fulls = [torch.zeros(n * ws, dtype=dt) for dt, n in sizes.items()]
+        shards = [torch.zeros(n, dtype=dt, device=tr.device) for dt, n in sizes.items()]
+        fulls = [torch.zeros(n * ws, dtype=dt, device=tr.device) for dt, n in sizes.items()]
 
         def once():
             for s, f in zip(shards, fulls):
@@ -115,6 +119,8 @@ def comm_time(tr, reps: int) -> float:
         dist.barrier()
         t0 = time.perf_counter()
         once()
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts[1:])
 
@@ -152,12 +158,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    ap.add_argument("--ranks", type=int, default=2, help="ranks of the distributed run (GPUs with --device cuda)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(json.loads(a.worker))
-    if a.batch % 2:
-        raise SystemExit("--batch: expected an even global batch (it is split over 2 ranks)")
+    if a.ranks < 2 or a.batch % a.ranks:
+        raise SystemExit(f"--batch {a.batch} --ranks {a.ranks}: expected 2+ ranks that divide the global batch")
     model = a.model
     if model == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
@@ -165,9 +173,13 @@ def main() -> None:
 
         model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="fastft-bench-tiny-")) / "model"))
     spec = {"model": model, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
-            "warmup": a.warmup, "dtype": a.dtype}
-    runs = {"1p x 1t": launch(spec, 1, 1), "1p x 2t": launch(spec, 1, 2), "2r x 1t": launch(spec, 2, 1)}
-    two, one = runs["2r x 1t"]["losses"], runs["1p x 1t"]["losses"]
+            "warmup": a.warmup, "dtype": a.dtype, "device": a.device}
+    multi = f"{a.ranks}r x 1t"
+    runs = {"1p x 1t": launch(spec, 1, 1)}
+    if a.device == "cpu":
+        runs[f"1p x {a.ranks}t"] = launch(spec, 1, a.ranks)
+    runs[multi] = launch(spec, a.ranks, 1)
+    two, one = runs[multi]["losses"], runs["1p x 1t"]["losses"]
     rel = 1e-5 if a.dtype == "fp32" else 2e-2
     bad = [(i, x, y) for i, (x, y) in enumerate(zip(two, one)) if abs(x - y) > rel * abs(y)]
     if bad:
