@@ -128,10 +128,8 @@ def describe() -> dict:
     info: dict = {"python": platform.python_version(), "torch": torch.__version__,
                   "platform": platform.platform(), "processor": _cpu_name()}
     for mod in ("transformers", "triton", "peft"):
-        try:
-            info[mod] = importlib.import_module(mod).__version__
-        except Exception:
-            info[mod] = "not installed"
+        info[mod] = package_status(mod)
+    info["optional"] = {mod: package_status(mod) for mod in OPTIONAL_PACKAGES}
     ext = cpu_ext()
     info["cpu_features"] = ext.cpu_features() if ext is not None else "unknown (fastft._C not built)"
     info["built"] = {
@@ -156,6 +154,31 @@ def describe() -> dict:
         choices["attention"] += ", bf16 inputs: " + ("AVX512-BF16 dot products" if dot else "fp32 FMA tiles")
     info["ops"] = choices
     return info
+
+
+# optional packages whose state decides what a feature does (fastft env lists them)
+OPTIONAL_PACKAGES = ("matplotlib", "datasets", "tensorboard", "bitsandbytes", "optuna", "liger_kernel", "kernels")
+
+
+def package_status(name: str) -> str:
+    """``name``'s version, ``not installed``, or the real error when it is installed but its import
+    fails (a broken install or a shadowing folder must not read as "not installed")."""
+    if importlib.util.find_spec(name) is None:
+        return "not installed"
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any import-time failure is what the user needs to see
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return f"installed but fails to import: {type(e).__name__}: {msg}"
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        try:
+            version = dist_version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            version = "unknown version"
+    return f"{version} ({os.path.dirname(getattr(mod, '__file__', '') or '')})" if name == "kernels" else version
 
 
 def _cpu_name() -> str:

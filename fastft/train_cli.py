@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from fastft.config import Config, describe_keys, load_config, save_config
-from fastft.errors import ConfigError, DataError, UserError
+from fastft.errors import ConfigError, UserError
 
 
 def _help_epilog() -> str:
@@ -93,10 +93,10 @@ def build(cfg: Config, bundle=None):
     from fastft.model_loading import load_model_and_tokenizer
     from fastft.train_utils import resolve_device, resolve_dtype, unwrap
 
-    for key in ("train_file", "validation_file", "test_file"):  # fail before the slow model load
-        path = getattr(cfg.data, key, "")
-        if path and not Path(path).exists():
-            raise DataError(f"data.{key}={path!r}: file not found")
+    from fastft.data import preflight
+
+    if bundle is None:  # fail on unreadable data before the slow model load
+        preflight(cfg.data)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output

@@ -80,8 +80,60 @@ def _weights(items: list[str]) -> dict[str, float] | None:
     return out or None
 
 
+# Rows read by :func:`preflight` (before the model load), handed to the first :func:`_read_rows`
+# of the same file so a file is parsed once. Keyed by what the rows depend on; popped on use.
+_PREFLIGHT: dict[tuple, tuple[list[dict], Counter]] = {}
+
+
+def _rows_key(path: str, fmt: str, data_cfg) -> tuple | None:
+    try:
+        st = Path(path.rsplit("::", 1)[0] if "::" in path else path).stat()
+    except OSError:
+        return None
+    settings = tuple(repr(getattr(data_cfg, k, None)) for k in (
+        "columns", "on_bad_line", "strip", "normalize_whitespace", "lowercase", "drop_empty", "drop_duplicates"))
+    return (path, st.st_mtime_ns, st.st_size, fmt, settings)
+
+
+def data_files(data_cfg) -> list[tuple[str, str]]:
+    """Every data file the ``data`` section names, as (config key, path); the bundled default
+    training file when ``train_file`` is empty."""
+    fmt = data_cfg.format
+    default = str(BUNDLED / "sentiment.jsonl") if fmt == "classification" else default_train_file()
+    files = [("data.train_file", data_cfg.train_file or default)]
+    files += [(f"data.tasks {name}", path) for name, path in _pairs(data_cfg.tasks, "data.tasks").items()]
+    files += [(f"data.{k}", getattr(data_cfg, k)) for k in ("validation_file", "test_file") if getattr(data_cfg, k)]
+    return files
+
+
+def preflight(data_cfg) -> None:
+    """Read, parse and column-check every data file before anything expensive (the model load).
+
+    A missing file, a directory that is not a ``datasets`` folder, malformed JSON on line N or a
+    missing column raise the same one-line :class:`DataError` that loading would raise later,
+    seconds into the run instead of after a 20 s model load. The parsed rows are kept for the
+    tokenising pass, so each file is still read once.
+    """
+    if data_cfg.format not in FIELDS:
+        raise DataError(f"data.format={data_cfg.format!r}: expected one of {', '.join(FIELDS)}")
+    _PREFLIGHT.clear()
+    for key, path in data_files(data_cfg):
+        if not Path(path.rsplit("::", 1)[0] if "::" in path else path).exists():
+            raise DataError(f"{key}={path!r}: file not found")
+        report: Counter = Counter()
+        rows = _read_rows(path, data_cfg.format, data_cfg, report)
+        key = _rows_key(path, data_cfg.format, data_cfg)
+        if key is not None:
+            _PREFLIGHT[key] = (rows, report)
+
+
 def _read_rows(path: str, fmt: str, data_cfg, report: Counter) -> list[dict]:
     """Read, map columns, check required columns, clean. Counts go into ``report``."""
+    key = _rows_key(path, fmt, data_cfg)
+    if key in _PREFLIGHT:
+        rows, counts = _PREFLIGHT.pop(key)
+        report.update(counts)
+        return [dict(r) for r in rows]
     from fastft.data.cleaning import CleanReport, clean_rows
     from fastft.data.readers import ReadReport, map_columns, read_records, require_columns
 
@@ -213,6 +265,7 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0) -> DataBundle:
         train = pack_examples(train, data_cfg.max_length)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         collator = PackedCollator(pad)
+    _PREFLIGHT.clear()  # rows a cache hit did not need
     stats.update(train=len(train), validation=len(validation), test=len(test))
     noisy = {k: v for k, v in stats.items() if v and k in ("skipped_bad_lines", "dropped_empty", "dropped_duplicates",
                                                            "truncated", "dropped_too_long", "dropped_no_target")}
