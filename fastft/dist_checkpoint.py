@@ -70,7 +70,9 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
         _rng_file(tmp, dist.rank()).parent.mkdir(exist_ok=True)
         torch.save(state.pop("rng"), _rng_file(tmp, dist.rank()))
         if dist.is_main():
-            torch.save({**state, "world_size": dist.world_size()}, tmp / "trainer_state.pt")
+            torch.save({**state, "world_size": dist.world_size(),
+                        "fp32_shards": bool(getattr(model, "_fastft_export_dtypes", None))},
+                       tmp / "trainer_state.pt")
             if is_lora:
                 ck.save_model_files(model, tokenizer, tmp, is_lora)
         dist.barrier()  # every rank's shards and RNG are on disk
@@ -91,6 +93,10 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
     returns the trainer state (counters; ``world_size`` of the run that wrote it)."""
     ckpt = Path(ckpt)
     if is_dcp(ckpt):
+        saved = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if saved.get("fp32_shards") and not getattr(model, "_fastft_export_dtypes", None):
+            raise UserError(f"checkpoint {ckpt}: written by a 16-bit FSDP run (fp32 shards, no separate "
+                            "masters); resume it with train.distributed=fsdp on 2+ ranks, or train in fp32")
         msd, osd = get_state_dict(model, optimizer, options=_OPTS)  # the layout to load into
         sd = {"model": msd, "optim": osd}
         with warnings.catch_warnings():  # one process reading a multi-rank checkpoint is intended
@@ -98,7 +104,7 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
             dcp.load(sd, checkpoint_id=str(ckpt / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                        options=_LOAD_OPTS)
-        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        st = saved
         rng = _rng_file(ckpt, dist.rank())
         st["rng"] = torch.load(rng, map_location="cpu", weights_only=False) if rng.is_file() else None
         return st
@@ -155,7 +161,12 @@ def _offsets(groups: list[dict]) -> list[int]:
 def full_state_dict(model) -> dict:
     """Collective: the whole model's weights as plain CPU tensors on rank 0 ({} elsewhere)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if dist.is_main() else {}
+    if not dist.is_main():
+        return {}
+    # FSDP2 kept a 16-bit run's shards in fp32 (fastft.distributed._upcast_for_fsdp): write the
+    # dtypes a single-process run writes
+    dtypes = getattr(model, "_fastft_export_dtypes", {})
+    return {k: v.to(dtypes[k]) if k in dtypes else v for k, v in sd.items()}
 
 
 def micro_pos_for(st: dict, micro_per_epoch: int, batch_size: int) -> int:

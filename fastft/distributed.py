@@ -197,13 +197,43 @@ def wrap(loss_mod: nn.Module, strategy: str, device: torch.device, log=print) ->
         return DDP(loss_mod, device_ids=ids, find_unused_parameters=False)
     from torch.distributed.fsdp import fully_shard
 
+    kw = {}
+    low = _upcast_for_fsdp(loss_mod.model)
+    if low is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+        log(f"train.distributed=fsdp: sharded weights are kept in fp32 (their own AdamW masters) and "
+            f"gathered as {str(low).split('.')[1]} for compute, norms and embeddings included")
     layers = decoder_layers(loss_mod.model)
     if not layers:
         log("train.distributed=fsdp: no decoder layer list found; sharding the whole model as one unit")
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(loss_mod)
+        fully_shard(layer, **kw)
+    fully_shard(loss_mod, **kw)
     return loss_mod
+
+
+@torch.no_grad()
+def _upcast_for_fsdp(module: nn.Module) -> torch.dtype | None:
+    """FSDP2 needs one parameter dtype per sharded group, but a bf16 run keeps trainable norms
+    and embeddings in fp32 (fastft/precision.py). So a run with 16-bit weights stores every
+    weight in fp32 (exact fp32 source values where fastft.precision attached them) and FSDP2's
+    MixedPrecisionPolicy casts the shards to the run dtype before the all-gather: the
+    communication and the compute stay 16-bit, and the fp32 shards are AdamW's masters.
+    Returns the run dtype (None for an fp32 run: nothing to do). The original dtypes are kept in
+    ``module._fastft_export_dtypes`` so the final export matches a single-process run's."""
+    low = {p.dtype for p in module.parameters()} & {torch.bfloat16, torch.float16}
+    if not low:
+        return None
+    if len(low) > 1:
+        raise ConfigError("train.distributed=fsdp: the model mixes bf16 and fp16 weights")
+    module._fastft_export_dtypes = {n: p.dtype for n, p in module.named_parameters()}
+    for p in module.parameters():
+        src = p.__dict__.pop("_fastft_master_init", None)
+        if p.dtype != torch.float32:
+            p.data = src if src is not None and src.shape == p.shape else p.data.float()
+    return low.pop()
 
 
 def is_fsdp(module: nn.Module) -> bool:

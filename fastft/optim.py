@@ -45,14 +45,6 @@ def _local(t: Tensor | None) -> Tensor | None:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def _like(local: Tensor, p: Tensor) -> Tensor:
-    """``local`` (this rank's shard) as a DTensor laid out like ``p`` when ``p`` is one."""
-    if not isinstance(p, DTensor):
-        return local
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                              stride=p.stride())
-
-
 def reduce_sumsq(sumsq: Tensor, p: Tensor) -> Tensor:
     """Sum a rank's squared gradient norm over the ranks that shard ``p`` (in place). Module
     level so that a test can replace it with the identity (per-rank clipping) and see it fail."""
@@ -117,7 +109,9 @@ class FusedAdamW(torch.optim.Optimizer):
     laid out like their parameter (so ``torch.distributed.checkpoint`` saves and reshards them),
     and every step runs the fused kernels on the local shards. Clipping then uses the global
     norm: the squared norms of the local shards are summed over the ranks first (one
-    all-reduce of a scalar), never a per-rank norm.
+    all-reduce of a scalar), never a per-rank norm. Sharded 16-bit parameters with master
+    weights are refused (UserError): keep the shards in fp32, their own masters, and let FSDP2's
+    ``MixedPrecisionPolicy`` gather 16-bit copies for compute (fastft's trainer does).
 
     Attributes:
         last_grad_norm (Tensor | None): 0-dim fp32 pre-clip global norm of the last step's grads
@@ -277,25 +271,12 @@ class FusedAdamW(torch.optim.Optimizer):
         split master sets the bf16 param to the master's high half."""
         want = group["master_weights"] and p.dtype != torch.float32
         split = want and p.dtype == torch.bfloat16 and group["master_format"] == "split"
-        if isinstance(p, DTensor):  # masters of a sharded param: made from its local shard
-            if want:
-                lp = _local(p)
-                lo, full = state.get("master_lo"), state.get("master_param")
-                if split and lo is None:
-                    lo = (split_master_encode(_local(full).to(torch.float32))[1] if full is not None
-                          else torch.zeros_like(lp, dtype=torch.int16))
-                    if full is not None:
-                        lp.copy_(split_master_encode(_local(full).to(torch.float32))[0])
-                    state["master_lo"] = _like(lo.contiguous(), p)
-                    state.pop("master_param", None)
-                elif not split and full is None:
-                    full = split_master_decode(lp, _local(lo)) if lo is not None else lp.float()
-                    state["master_param"] = _like(full.contiguous(), p)
-                    state.pop("master_lo", None)
-            else:
-                state.pop("master_lo", None)
-                state.pop("master_param", None)
-            return
+        if isinstance(p, DTensor) and want:
+            # FSDP2 keeps sharded weights in fp32 and gathers 16-bit copies (MixedPrecisionPolicy):
+            # those fp32 shards are their own masters (fastft.distributed does this)
+            raise UserError(f"FusedAdamW: {where} is a sharded {p.dtype} parameter; master weights of "
+                            "sharded 16-bit parameters are not supported: keep the shards in fp32 and let "
+                            "FSDP2's MixedPrecisionPolicy(param_dtype=...) gather 16-bit copies")
         init = p.__dict__.pop("_fastft_master_init", None)
         if init is not None and (init.shape != p.shape or init.dtype != torch.float32):
             init = None

@@ -29,10 +29,11 @@ STEPS = 3
 
 
 def scenario_args(name: str, world: int, global_batch: int = 8) -> list[str]:
-    """``ddp_lora`` / ``fsdp_full`` with an optional ``_accum`` suffix (2 micro-batches per step);
-    the per-rank batch is the global batch / (accumulation x world)."""
+    """``ddp_lora`` / ``fsdp_full`` with an optional ``_accum`` suffix (2 micro-batches per step)
+    or ``_bf16`` (bf16 weights); the per-rank batch is the global batch / (accumulation x world)."""
     base, accum = (name[:-6], 2) if name.endswith("_accum") else (name, 1)
-    return [*COMMON, *SCENARIOS[base], "--train.grad_accum", str(accum),
+    base, bf16 = (base[:-5], ["--model.dtype", "bf16"]) if base.endswith("_bf16") else (base, [])
+    return [*COMMON, *SCENARIOS[base], *bf16, "--train.grad_accum", str(accum),
             "--train.batch_size", str(global_batch // (accum * world)), "--train.max_steps", str(STEPS)]
 
 
