@@ -153,6 +153,14 @@ def lost_rank_error(exc: BaseException, timeout_s: float) -> RankLost | None:
     return None
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (e.g. a Ctrl-C/SIGTERM that reached some
+    ranks only: all of them must stop after the same step, or the others hang in a collective)."""
+    if world_size() == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -312,6 +312,7 @@ class Trainer:
                     is_best = bool(improved) and (self.t.early_stopping_patience > 0 or self.t.save_every > 0)
                     if self.t.early_stopping_patience and self.bad_evals >= self.t.early_stopping_patience:
                         stopped = True
+                self._stop_requested = dist.any_rank(self._stop_requested)  # every rank stops together
                 periodic = self.t.save_every and self.step % self.t.save_every == 0
                 if periodic or is_best or self._stop_requested or stopped:
                     # RNG as of this step boundary: a resumed run draws the same dropout masks

@@ -24,6 +24,9 @@ SCENARIOS = {
                  "--train.distributed", "ddp"],
     "fsdp_full": ["--finetune.mode", "full", "--train.lr", "2e-3", "--train.max_grad_norm", "0.3",
                   "--train.distributed", "fsdp"],
+    # the real embedded model (SmolLM2-135M), short rows: tests/test_distributed_smollm2.py
+    "smol_lora": ["--finetune.mode", "lora", "--lora.r", "8", "--train.lr", "1e-3", "--train.max_grad_norm", "0.3",
+                  "--train.distributed", "ddp", "--data.max_length", "64"],
 }
 STEPS = 3
 

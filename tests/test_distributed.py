@@ -30,7 +30,7 @@ import dist_worker  # noqa: E402
 
 W_TOL = dict(rtol=1e-5, atol=5e-5)  # final weights, fp32 (3 steps of AdamW)
 LOSS_REL = 1e-6  # per-step loss, fp32 (sums in another order)
-BF16_LOSS_REL, BF16_W_TOL = 1e-2, dict(rtol=1e-2, atol=1e-2)  # calibrated below
+BF16_LOSS_REL = 1e-3  # per-step loss, FSDP2 bf16 vs 1-process bf16 (measured 1.2e-4)
 
 
 @pytest.fixture(autouse=True)
@@ -132,16 +132,16 @@ def test_per_rank_reductions_would_be_caught(two_ranks, one_rank, bug):
 
 def test_fsdp_with_bf16_weights(two_ranks, one_rank):
     """A bf16 run mixes bf16 matmul weights with fp32 norms/embeddings, which one FSDP2 group
-    cannot hold: the shards are kept in fp32 and gathered as bf16 (MixedPrecisionPolicy). It
-    trains like the single-process bf16 run (bf16 round-off: the tolerance is bf16's) and
-    exports the same dtypes."""
+    cannot hold: the shards are kept in fp32 and gathered as bf16 (MixedPrecisionPolicy). Its
+    loss curve follows the single-process bf16 run's to bf16 round-off, and its export has the
+    same dtypes. (Weights are not compared element by element: the norms and embeddings compute
+    in bf16 here and in fp32 in one process, and AdamW's first steps move a near-zero-gradient
+    element by a whole lr either way, so single elements differ by up to 3 x lr.)"""
     two, one = two_ranks["fsdp_full_bf16"], one_rank["fsdp_full_bf16"]
     assert two["target_tokens"] == one["target_tokens"]
     for a, b in zip(two["loss"], one["loss"]):
         assert a == pytest.approx(b, rel=BF16_LOSS_REL)
-    for n, w in one["weights"].items():
-        assert two["weights"][n].dtype == w.dtype, n
-        torch.testing.assert_close(two["weights"][n].float(), w.float(), **BF16_W_TOL, msg=lambda m: f"{n}: {m}")
+    assert {n: w.dtype for n, w in two["weights"].items()} == {n: w.dtype for n, w in one["weights"].items()}
     assert {w.dtype for w in one["weights"].values()} == {torch.bfloat16, torch.float32}
 
 
@@ -250,3 +250,21 @@ def test_dead_rank_ends_the_job_within_the_timeout(tiny, tmp_path):
     assert procs[0].returncode not in (0, None)
     assert waited < 60, f"the surviving rank took {waited:.0f} s"
     assert "lost contact with the other ranks" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--finetune.mode", "lora", "--train.distributed", "fsdp"], "use train.distributed=ddp"),
+    (["--finetune.mode", "head", "--finetune.unfreeze_after_steps", "3"], "not supported with train.distributed=ddp"),
+    (["--train.distributed", "none"], "torchrun started 2 processes"),
+])
+def test_unsupported_mixes_fail_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, msg):
+    """Under torchrun (WORLD_SIZE=2) a mix that cannot run distributed is one line and exit 2,
+    before the model loads (the model path does not even exist) and before the run dir exists."""
+    from fastft.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model.path", str(tmp_path / "no-model"), "--output.dir", str(tmp_path / "run"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
