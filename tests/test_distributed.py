@@ -268,3 +268,24 @@ def test_unsupported_mixes_fail_before_the_model_loads(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and msg in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_python_m_fastft_ignores_the_callers_modules(tiny, tmp_path):
+    """``python -m fastft`` (what ``torchrun -m fastft`` runs on every rank) puts the caller's
+    folder on sys.path; fastft/__main__.py drops it, so a user's kernels.py / data.py / ... is
+    never imported (a file named fastft.py would shadow the package itself: README says to use
+    ``torchrun --no-python fastft`` then)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "imported.txt"
+    for name in ("kernels", "data", "optim", "trainer", "transformers", "yaml", "click", "distributed"):
+        (work / f"{name}.py").write_text(
+            f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\nraise ImportError('user file {name}.py imported')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "fastft", "train", *cli_args(tiny, tmp_path / "run"),
+                          "--train.max_steps", "1", "--train.batch_size", "2"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert not marker.exists(), f"fastft imported the caller's files: {marker.read_text()}"
+    assert (tmp_path / "run" / "final").is_dir()
