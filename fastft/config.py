@@ -42,8 +42,8 @@ class ModelConfig:
                                 min=0.0, max=0.99)
     fused_ce: bool = opt(True, "fused linear cross-entropy (never materialises the logits)")
     fused_blocks: bool = opt(True, "fused RMSNorm/SwiGLU/RoPE kernels in Llama-family blocks")
-    fused_attention: bool = opt(True, "fastft's causal attention kernel for plain causal SDPA calls in "
-                                "fused blocks (masks, packing and KV caches keep HF's SDPA)")
+    fused_attention: bool = opt(True, "fastft's causal attention kernel for SDPA calls in fused blocks, "
+                                "packed/right-padded rows included (other masks and KV caches keep HF's SDPA)")
     fused_layers: bool = opt(True, "whole decoder layers with frozen weights (LoRA) as one autograd node "
                              "(fused blocks and attention; fastft/fused_layer.py)")
     recompute_cheap: bool = opt(True, "rebuild RMSNorm/SwiGLU outputs in backward instead of saving them "
@@ -101,7 +101,8 @@ class DataConfig:
     drop_empty: bool = opt(True, "drop rows whose required text is empty (counted)")
     drop_duplicates: bool = opt(False, "drop rows whose text fields repeat an earlier row (counted)")
     test_ratio: float = opt(0.0, "fraction held out as test split when no test_file", min=0.0, max=0.5)
-    packing: bool = opt(False, "pack several samples per training row (per-sample positions, block mask)")
+    packing: bool = opt(False, "pack several samples per training row (per-sample positions; attention "
+                         "kept inside each sample)")
     tasks: list[str] = opt([], "extra datasets mixed into training, name=path (same format); train_file is task 'main'")
     mix_weights: list[str] = opt([], "task weights name=weight (default: temperature sampling)")
     mix_temperature: float = opt(1.0, "temperature sampling of tasks: share ~ size^(1/T) (1 = proportional)",

@@ -13,10 +13,14 @@ projection kind is the code the per-op path runs, with the same rounding:
     o  = causal_attention(q, k, v)                     h2 = h + o_proj(o)
     x2 = rms_norm(h2)           y = h2 + down(swiglu(gate(x2), up(x2)))
 
+Packed rows (several samples per row, or a pad tail; :mod:`fastft.ops.segments`) run here too:
+the attention takes the rows' sample layout instead of a mask, and RoPE the per-sample cos/sin
+HF computed from the position ids ((B, T, D) tables).
+
 A projection is a frozen ``nn.Linear``, an :class:`fastft.lora.Int8Linear`, or an unmerged
 :class:`fastft.lora.LoRALinear` (its A and B are the node's differentiable inputs). Anything
 else — trainable norms or base weights (full / partial fine-tuning), Qwen3's q/k norms, an
-attention mask, a KV cache, gradient checkpointing, forward hooks (HF's output capture), a
+attention mask (packed and right-padded rows come without one, see above), a KV cache, gradient checkpointing, forward hooks (HF's output capture), a
 ``torch`` backend forced for any of the ops — runs the per-op path (:func:`layer_plan` says
 which), so this is purely a speed path: the per-op path is its test oracle.
 
@@ -134,7 +138,7 @@ def _proj_bwd(m: nn.Module, kind: str, state, dy: Tensor, need_x: bool, grads: d
 # The plan: which modules, which kinds, which backends (None = take the per-op path)
 # ------------------------------------------------------------------------------------------------
 class _Plan:
-    __slots__ = ("attn", "norms", "projs", "kinds", "params", "backends")
+    __slots__ = ("attn", "norms", "projs", "kinds", "params", "backends", "segments")
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -186,6 +190,7 @@ def layer_plan(layer: nn.Module, hidden_states: Tensor, attention_mask, past_key
     plan = _Plan()
     plan.attn, plan.norms, plan.projs, plan.kinds, plan.backends = attn, norms, mods, kinds, backends
     plan.params = [p for m in mods for p in _lora_params(m)]
+    plan.segments = None
     return plan
 
 
@@ -217,7 +222,7 @@ class _DecoderLayerFn(torch.autograd.Function):
         qr, kr = _rope._RoPEFn.forward(c_rope, q4, k4, cos, sin, 2, be["rope"])
         c_att = _Ctx((True, True, True, False, False))
         o = _AttentionFn.forward(c_att, qr.transpose(1, 2), kr.transpose(1, 2), v4.transpose(1, 2),
-                                 float(attn.scaling), be["attention"])
+                                 float(attn.scaling), be["attention"], plan.segments)
         o2 = o.transpose(1, 2).reshape(B * T, hq * d)  # a view: the kernel writes (B, T, Hq, D)
         a, st = _proj_fwd(plan.projs[3], plan.kinds[3], o2)
         states.append(st)
@@ -271,7 +276,17 @@ class _DecoderLayerFn(torch.autograd.Function):
         return (dh, None, None, None, *(grads.get(p) for p in plan.params))
 
 
-def fused_layer_forward(plan: _Plan, hidden_states: Tensor, position_embeddings) -> Tensor:
-    """The decoder layer's output for a plan from :func:`layer_plan`."""
+def fused_layer_forward(plan: _Plan, hidden_states: Tensor, position_embeddings, segments=None) -> Tensor:
+    """The decoder layer's output for a plan from :func:`layer_plan`.
+
+    Args:
+        hidden_states: (B, T, H).
+        position_embeddings: HF's (cos, sin), each (1 or B, T, head_dim).
+        segments: None (causal rows) or the rows' :class:`fastft.ops.segments.Segments` ((B, T)).
+    """
+    if segments is not None and segments.shape != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"fused decoder layer: segments of shape {segments.shape} for hidden states "
+                         f"{tuple(hidden_states.shape)}")
+    plan.segments = segments
     cos, sin = position_embeddings
     return _DecoderLayerFn.apply(hidden_states, cos, sin, plan, *plan.params)

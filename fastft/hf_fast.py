@@ -12,8 +12,18 @@ touched):
   checkpointing's recompute takes the same path) and the original everywhere else;
 * with ``attention=True`` (the default), HF's ``sdpa`` attention function, inside a patched
   attention module's forward, runs :func:`fastft.ops.attention.causal_attention` when the call is
-  plain causal self-attention (no mask tensor, no dropout, no cache, no softcap/sinks/bias) and
-  HF's SDPA otherwise (padding masks, packed-sequence masks, generation with a cache).
+  plain causal self-attention (no mask tensor, no dropout, no cache, no softcap/sinks/bias; packed
+  rows inside :func:`packed_segments`, below) and HF's SDPA otherwise (other masks, generation
+  with a cache).
+
+Packed rows (several samples per row, or a pad tail) stay on this path: inside
+:func:`packed_segments` (fastft's training loss enters it when :func:`routes_attention` holds),
+the modeling module's ``create_causal_mask`` returns None instead of building a (B, 1, T, T) mask,
+and every attention call of a patched module (fused layer or per-op) reads the rows' sample layout
+(:class:`fastft.ops.segments.Segments`) from the context instead. RoPE takes the per-sample
+position ids as HF gives them. A call that cannot take the segments (dropout, extra kwargs) gets
+the equivalent boolean mask built from them and HF's SDPA (counted, warned once), never a
+leak. :func:`fallbacks` counts the calls that left the fused paths.
 
 Supported ``config.model_type``: llama, mistral, qwen2, qwen3 (checked against transformers
 5.23's module and class names). Anything else is left unpatched (:func:`supported` says so).
@@ -36,16 +46,21 @@ from torch import nn
 
 from fastft import recompute
 from fastft.fused_layer import fused_layer_forward, layer_plan
-from fastft.ops.attention import causal_attention
+from fastft.ops.attention import causal_attention, packed_rows_supported
+from fastft.ops.segments import Segments
 from fastft.ops.rms_norm import _RMSNormFn, rms_norm
 from fastft.ops.rope import rope
 from fastft.ops.swiglu import _SwiGLUFn, swiglu
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "patch_blocks", "supported", "unpatch_blocks"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "fallbacks", "packed_segments", "patch_blocks", "routes_attention", "supported",
+           "unpatch_blocks"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ROPE_ON = contextvars.ContextVar("fastft_fused_rope", default=False)
 _ORIGINAL_ROPE: dict[str, object] = {}   # modeling module name -> its apply_rotary_pos_emb
+_ORIGINAL_MASK: dict[str, object] = {}   # modeling module name -> its create_causal_mask
+# the sample layout of the rows being run (packed_segments); None = plain causal rows
+_SEGMENTS: contextvars.ContextVar[Segments | None] = contextvars.ContextVar("fastft_segments", default=None)
 # modeling module name -> its live patched attention modules (weak: a patched model that is simply
 # dropped must not pin the dispatcher forever)
 _PATCHED_ATTN: dict[str, weakref.WeakSet] = {}
@@ -57,9 +72,66 @@ _SDPA_SAVED: dict[str, object] = {}  # "previous" -> the interface's own local "
 _ATTN_EXTRAS = ("softcap", "position_bias", "cache", "s_aux", "sinks")
 
 
+class packed_segments:
+    """Context manager: the model calls inside run packed rows described by ``segments``
+    ((B, T) sample starts/ends, :mod:`fastft.ops.segments`) with no attention mask. Only for a
+    model where :func:`routes_attention` is True (else its attention would not see them)."""
+
+    def __init__(self, segments: Segments | None):
+        self.segments = segments
+
+    def __enter__(self):
+        self._token = _SEGMENTS.set(self.segments)
+        return self.segments
+
+    def __exit__(self, *exc):
+        _SEGMENTS.reset(self._token)
+        return False
+
+
+def routes_attention(model: nn.Module) -> bool:
+    """True when every attention module of ``model``'s decoder runs through fastft's SDPA
+    dispatcher (patched with ``attention=True``, ``attn_implementation="sdpa"``), so packed rows
+    can go without a mask (:func:`packed_segments`)."""
+    cfg = getattr(model, "config", None)
+    if _model_type(model) not in SUPPORTED_MODEL_TYPES or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    attn_cls = getattr(_modeling(_model_type(model)), _PREFIX[_model_type(model)] + "Attention")
+    mods = [m for m in model.modules() if type(m) is attn_cls]
+    # activation checkpointing recomputes layers in backward, outside packed_segments: those
+    # recomputed attention calls would not see the segments, so such models take the mask path
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return False
+    p = next(model.parameters(), None)
+    if p is not None and not packed_rows_supported(p.device):  # an extension built before packed rows
+        return False
+    return bool(mods) and all(getattr(m, "_fastft_attention", False) for m in mods)
+
+
+def fallbacks(model: nn.Module) -> dict[str, int]:
+    """Calls that left fastft's fused paths since patching: ``layer`` (decoder layers that ran
+    HF's per-op forward), ``attention`` (attention calls sent to HF's SDPA, with a mask)."""
+    out = {"layer": 0, "attention": 0}
+    for m in model.modules():
+        out["layer"] += m.__dict__.get("_fastft_layer_fallbacks", 0)
+        out["attention"] += m.__dict__.get("_fastft_sdpa_fallbacks", 0)
+    return out
+
+
+def _segment_mask(seg: Segments, dtype_like: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool mask of the segments (True = attend): only for calls that cannot take them."""
+    t = seg.shape[1]
+    i = torch.arange(t, device=dtype_like.device)
+    start = seg.start.to(dtype_like.device).long()
+    return ((i[None, None, :] <= i[None, :, None]) & (i[None, None, :] >= start[:, :, None]))[:, None]
+
+
 def _model_type(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "model_type", None)
+
+
+_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def supported(model: nn.Module) -> bool:
@@ -113,12 +185,25 @@ def _sdpa_dispatcher(original):
     module sent to fastft's kernel. Returns (B, T, Hq, D) like HF's."""
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                is_causal=None, **kwargs):
+        seg = _SEGMENTS.get() if _ATTN_ON.get() else None
         plain = (_ATTN_ON.get() and attention_mask is None and dropout == 0.0
                  and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
                  and query.shape[2] == key.shape[2] and not kwargs.get("output_attentions", False)
                  and all(kwargs.get(k) is None for k in _ATTN_EXTRAS))
         if plain:
-            return causal_attention(query, key, value, scaling).transpose(1, 2), None
+            return causal_attention(query, key, value, scaling, segments=seg).transpose(1, 2), None
+        if _ATTN_ON.get():
+            module._fastft_sdpa_fallbacks = module.__dict__.get("_fastft_sdpa_fallbacks", 0) + 1
+        if seg is not None and attention_mask is None:  # packed rows came without a mask: build it
+            import warnings
+
+            if not _SDPA_SAVED.get("warned_packed"):
+                _SDPA_SAVED["warned_packed"] = True
+                warnings.warn("fastft: an attention call of packed rows could not use fastft's kernel "
+                              "(dropout or extra arguments); it runs HF's SDPA with a block mask", RuntimeWarning,
+                              stacklevel=2)
+            attention_mask = _segment_mask(seg, query)
+            is_causal = False
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)
 
@@ -145,6 +230,18 @@ def _uninstall_attention() -> None:
             fns["sdpa"] = prev
 
 
+def _mask_dispatcher(original):
+    """The modeling module's ``create_causal_mask``: None inside :func:`packed_segments` (the
+    attention reads the segments instead of a (B, 1, T, T) mask), the original elsewhere."""
+    def create_causal_mask(*args, **kwargs):
+        if _SEGMENTS.get() is not None:
+            return None
+        return original(*args, **kwargs)
+
+    create_causal_mask.__fastft_original__ = original
+    return create_causal_mask
+
+
 def _rope_dispatcher(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if _ROPE_ON.get():
@@ -163,8 +260,9 @@ def _layer_forward(self, hidden_states, *args, **kwargs):
         plan = layer_plan(self, hidden_states, kwargs.get("attention_mask"), kwargs.get("past_key_values"),
                           kwargs.get("use_cache"), kwargs.get("position_embeddings"), kwargs)
     if plan is None:
+        self._fastft_layer_fallbacks = self.__dict__.get("_fastft_layer_fallbacks", 0) + 1
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    return fused_layer_forward(plan, hidden_states, kwargs["position_embeddings"])
+    return fused_layer_forward(plan, hidden_states, kwargs["position_embeddings"], _SEGMENTS.get())
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -187,7 +285,7 @@ def patch_blocks(model: nn.Module, attention: bool = True, layers: bool = True) 
     if mt not in SUPPORTED_MODEL_TYPES:
         return counts
     mod = _modeling(mt)
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[mt]
+    prefix = _PREFIX[mt]
     norm_cls = getattr(mod, f"{prefix}RMSNorm")
     mlp_cls = getattr(mod, f"{prefix}MLP")
     attn_cls = getattr(mod, f"{prefix}Attention")
@@ -205,6 +303,8 @@ def patch_blocks(model: nn.Module, attention: bool = True, layers: bool = True) 
             if mod.__name__ not in _ORIGINAL_ROPE:
                 _ORIGINAL_ROPE[mod.__name__] = mod.apply_rotary_pos_emb
                 mod.apply_rotary_pos_emb = _rope_dispatcher(mod.apply_rotary_pos_emb)
+                _ORIGINAL_MASK[mod.__name__] = mod.create_causal_mask
+                mod.create_causal_mask = _mask_dispatcher(mod.create_causal_mask)
             _PATCHED_ATTN.setdefault(mod.__name__, weakref.WeakSet()).add(m)
             m.forward = types.MethodType(_attn_forward, m)
             m._fastft_modeling = mod.__name__
@@ -241,6 +341,7 @@ def unpatch_blocks(model: nn.Module) -> int:
             # (patched models that were simply dropped leave empty sets behind)
             for dead in [k for k, live in _PATCHED_ATTN.items() if not live]:
                 importlib.import_module(dead).apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(dead)
+                importlib.import_module(dead).create_causal_mask = _ORIGINAL_MASK.pop(dead)
                 del _PATCHED_ATTN[dead]
             if not _PATCHED_ATTN:
                 _uninstall_attention()

@@ -161,6 +161,15 @@ def build(cfg: Config, bundle=None):
     return model, tok, bundle, device
 
 
+def _rows_phrase(stats: dict, max_length: int) -> str:
+    """What one batch row is: a sequence, or a packed row of several samples."""
+    if not stats.get("packed_samples"):
+        return "sequences"
+    rows = max(1, stats.get("train", 1))
+    return (f"packed rows (<= {max_length} tokens; {stats['packed_samples']} samples in {rows} rows, "
+            f"{stats['packed_samples'] / rows:.1f} per row)")
+
+
 def _patch_blocks(model, attention: bool = True, layers: bool = True) -> None:
     """Fused RMSNorm/SwiGLU/RoPE (and causal attention) in supported Llama-family blocks
     (fastft/hf_fast.py); other architectures run HF's code, said once."""
@@ -202,7 +211,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         (run_dir / "params.txt").write_text(table + "\n")
         click.echo(table)
         click.echo(f"data: {bundle.stats}; {trainer.total_steps} steps of {cfg.train.batch_size}x"
-                   f"{cfg.train.grad_accum} sequences; run dir {run_dir}")
+                   f"{cfg.train.grad_accum} {_rows_phrase(bundle.stats, cfg.data.max_length)}; run dir {run_dir}")
     dist.barrier()
     if ckpt is not None:
         trainer.resume_from(ckpt)

@@ -72,6 +72,68 @@ def causal_suffices(attention_mask: torch.Tensor, labels: torch.Tensor, position
     return right_padded and bool((labels[m == 0] == -100).all())
 
 
+def _right_padded(m: torch.Tensor) -> bool:
+    """(B, T) 0/1 rows of ones then zeros."""
+    return bool(((m == 0) | (m == 1)).all()) and bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def attention_inputs(lm: nn.Module, attention_mask: torch.Tensor, labels: torch.Tensor, position_ids=None,
+                     cu_seqlens=None):
+    """How the decoder should see a batch: (mask for HF or None, Segments or None).
+
+    * Rows that are plain causal (no padding, no position ids): (None, None).
+    * Packed rows (``position_ids`` restarting at 0 per sample) or right-padded rows whose pads
+      carry no target, on a model whose attention fastft routes (``hf_fast.routes_attention``):
+      (None, the rows' :class:`~fastft.ops.segments.Segments`): a pad tail is one more sample,
+      nothing T x T is built and the fused layers run.
+    * ``cu_seqlens`` ((N + 1,) int, FlashAttention's varlen convention over the B * T tokens,
+      pad tails as samples) when given describes the samples in place of the position ids.
+    * Otherwise what HF needs: a 4-D mask as given; packed rows get the (B, 1, T, T) block mask
+      (said once); right-padded rows without pad targets none (:func:`causal_suffices`); else the
+      2-D mask.
+    """
+    if attention_mask.dim() != 2:
+        return attention_mask, None
+    if position_ids is None and bool(attention_mask.all()):
+        return None, None
+    from fastft import hf_fast
+    from fastft.ops.segments import segments_from_position_ids
+
+    pads_untargeted = bool((labels[attention_mask == 0] == -100).all())
+    if _right_padded(attention_mask) and pads_untargeted and hf_fast.routes_attention(lm):
+        if cu_seqlens is not None:
+            from fastft.ops.segments import segments_from_cu_seqlens
+
+            return None, segments_from_cu_seqlens(cu_seqlens, *attention_mask.shape)
+        pos = position_ids if position_ids is not None else torch.arange(
+            attention_mask.shape[1], device=attention_mask.device)[None]  # one sample (+ pad tail) per row
+        return None, segments_from_position_ids(pos.expand(attention_mask.shape[0], -1), attention_mask)
+    if position_ids is not None:
+        from fastft.data.packing import block_causal_mask
+
+        _warn_once_packed()
+        return block_causal_mask(position_ids, attention_mask, _mask_dtype(lm)), None
+    return (None if causal_suffices(attention_mask, labels) else attention_mask), None
+
+
+def _mask_dtype(lm: nn.Module) -> torch.dtype:
+    p = next((p for p in lm.parameters() if p.is_floating_point()), None)
+    return torch.float32 if p is None else p.dtype
+
+
+_WARNED: set = set()
+
+
+def _warn_once_packed() -> None:
+    if "packed" not in _WARNED:
+        _WARNED.add("packed")
+        import warnings
+
+        warnings.warn("fastft: packed rows run with a (B, 1, T, T) block mask and HF's attention (the model's "
+                      "attention is not routed through fastft: unsupported architecture, model.fused_attention "
+                      "off, attn_implementation other than sdpa, or gradient checkpointing)", RuntimeWarning, stacklevel=3)
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM so ``forward`` returns (sum of target-token losses, target count).
 
@@ -89,14 +151,18 @@ class CausalLMLoss(nn.Module):
         self.recompute_cheap = recompute_cheap
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None, smoothing: bool = True):
-        """input_ids/labels: (B, T) int64; attention_mask (B, T) 0/1 or a (B, 1, T, T) additive
-        mask (packing). Returns (fp32 loss sum, int64 target count)."""
+                position_ids: torch.Tensor | None = None, smoothing: bool = True,
+                cu_seqlens: torch.Tensor | None = None):
+        """input_ids/labels: (B, T) int64; attention_mask (B, T) 0/1 (or a (B, 1, T, T) additive
+        mask); position_ids (B, T), restarting at 0 per sample in packed rows. Returns (fp32 loss
+        sum, int64 target count)."""
+        from fastft.hf_fast import packed_segments
+
         lm = unwrap(self.model)
-        mask = None if causal_suffices(attention_mask, labels, position_ids) else attention_mask
+        mask, segments = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)
         # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
         # without grad, and inside checkpointed layers, whose own hooks take over)
-        with recompute_cheap(self.recompute_cheap):
+        with recompute_cheap(self.recompute_cheap), packed_segments(segments):
             out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 use_cache=False)
         h = out.last_hidden_state  # (B, T, H)

@@ -53,7 +53,7 @@ class Trainer:
         self.model, self.tokenizer, self.data, self.device = model, tokenizer, data, device
         self.metrics_hook, self.log = metrics_hook, (log if dist.is_main() else (lambda s: None))
         self.is_lora = cfg.finetune.mode == "lora"
-        # a data format may bring its own collator (packing builds 4-D block masks)
+        # a data format may bring its own collator (packing adds per-sample position ids)
         self.collate = getattr(data, "collator", None) or Collator(
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.n_local = len(dist.shard(list(range(len(data.train)))))
@@ -394,8 +394,9 @@ def _n_targets(batch: dict) -> int:
 
 
 def _n_tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch. A 4-D (packed) mask does not say which positions are
-    padding, so packed rows count every position (packing leaves little padding)."""
+    """Non-padding tokens of a batch (packed rows too: their collator hands the 2-D padding mask).
+    A 4-D mask given by a custom collator does not say which positions are padding: every
+    position counts then."""
     m = batch["attention_mask"]
     return int(m.sum()) if m.dim() == 2 else m.shape[0] * m.shape[-1]
 

@@ -10,6 +10,11 @@ fastft/ops/attention.py and csrc/include/fastft/attention.h (the names below fol
   per (query tile, batch * query head) looping over the key tiles up to the diagonal. Both recompute
   ``p = exp(scale * q.k - lse)`` from the saved lse (no T x T tensor is stored).
 
+Packed rows (``SEGMENTS``): (B, T) int32 sample starts/ends per token. A query tile's key loop
+starts at the key tile holding its first row's sample start (starts never decrease along a row),
+and a key tile's query loop stops at the end of its last key's sample, so tiles that lie wholly
+across a sample boundary are never visited; inside a visited tile ``key >= start[query]`` masks.
+
 Tensors are (B, H, T, D) views with arbitrary (batch, head, time) strides and a unit last-dim
 stride; the head dim is padded to a power of two (>= 16, tl.dot's minimum) with masks.
 
@@ -45,10 +50,10 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, D, Hq, G, scale,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, start_ptr, T, D, Hq, G, scale,
                      qs_b, qs_h, qs_t, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, os_b, os_h, os_t,
                      UPCAST: tl.constexpr, IEEE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                     SEGMENTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -65,17 +70,26 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, D, Hq, G, scale,
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     hi = tl.minimum((pid_m + 1) * BM, T)  # keys after the tile's last query are all masked
-    for n0 in range(0, hi, BN):
+    lo = 0
+    if SEGMENTS:  # packed rows: starts are nondecreasing, so the tile's first row has the smallest
+        st = tl.load(start_ptr + b * T + rm, mask=rm < T, other=T)  # each row's sample start
+        lo = (tl.load(start_ptr + b * T + pid_m * BM) // BN) * BN  # earlier key tiles: all masked
+    for n0 in range(lo, hi, BN):
         rn = n0 + tl.arange(0, BN)
         kt = tl.load(k_base + rn[None, :] * ks_t + rd[:, None],
                      mask=(rn[None, :] < T) & dmask[:, None], other=0.0)  # (BD, BN)
         s = _dot(q, kt, UPCAST, IEEE) * scale  # scaled scores (BM, BN)
         visible = (rn[None, :] <= rm[:, None]) & (rn[None, :] < T)
+        if SEGMENTS:
+            visible = visible & (rn[None, :] >= st[:, None])
         s = tl.where(visible, s, float("-inf"))
-        # key 0 is in the first tile and visible to every row, so m_new is finite from then on
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])  # attn_prob with the running max in place of lse
+        if SEGMENTS:  # a row whose sample starts in a later tile has seen no key yet: keep m, l at 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # key 0 is in the first tile and visible to every row: m_new is finite from then on
+            m_use = m_new
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])  # attn_prob with the running max in place of lse
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rn[:, None] * vs_t + rd[None, :],
                     mask=(rn[:, None] < T) & dmask[None, :], other=0.0)  # (BN, BD)
@@ -106,11 +120,12 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, T, D, Hq, os_b, os_h, os_t,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, D, Hq, Hkv, G, scale,
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, start_ptr, end_ptr,
+                          T, D, Hq, Hkv, G, scale,
                           qs_b, qs_h, qs_t, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, dos_b, dos_h, dos_t,
                           dks_b, dks_h, dks_t, dvs_b, dvs_h, dvs_t,
                           UPCAST: tl.constexpr, IEEE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                          SEGMENTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     # works on transposed scores sT = k q^T (BN, BM): dv += pT do, dk += dsT q
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -125,12 +140,15 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     lo = (pid_n * BN // BM) * BM  # first query tile that sees one of these keys
+    q_hi = T
+    if SEGMENTS:  # queries past the sample of the tile's last key see none of its keys
+        q_hi = tl.load(end_ptr + b * T + tl.minimum(pid_n * BN + BN, T) - 1)
     for g in range(0, G):
         h = hk * G + g
         q_base = q_ptr + b * qs_b + h * qs_h
         do_base = do_ptr + b * dos_b + h * dos_h
         row_base = (b * Hq + h) * T
-        for m0 in range(lo, T, BM):
+        for m0 in range(lo, q_hi, BM):
             rm = m0 + tl.arange(0, BM)
             mmask = (rm[:, None] < T) & dmask[None, :]
             q = tl.load(q_base + rm[:, None] * qs_t + rd[None, :], mask=mmask, other=0.0)  # (BM, BD)
@@ -139,6 +157,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
             delta = tl.load(delta_ptr + row_base + rm, mask=rm < T, other=0.0)
             st = _dot(k, tl.trans(q), UPCAST, IEEE)  # unscaled q.k, (BN, BM)
             visible = (rn[:, None] <= rm[None, :]) & (rm[None, :] < T)
+            if SEGMENTS:
+                q_start = tl.load(start_ptr + b * T + rm, mask=rm < T, other=T)
+                visible = visible & (rn[:, None] >= q_start[None, :])
             pt = tl.where(visible, tl.exp(st * scale - lse[None, :]), 0.0)  # attn_prob
             dv += _dot(to_out(pt, do.dtype, MANUAL_BF16_RNE), do, UPCAST, IEEE)
             dpt = _dot(v, tl.trans(do), UPCAST, IEEE)
@@ -151,11 +172,11 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, D, Hq, G, scale,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, T, D, Hq, G, scale,
                         qs_b, qs_h, qs_t, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, dos_b, dos_h, dos_t,
                         dqs_b, dqs_h, dqs_t,
                         UPCAST: tl.constexpr, IEEE: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                        SEGMENTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -173,12 +194,18 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     v_base = v_ptr + b * vs_b + hk * vs_h
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     hi = tl.minimum((pid_m + 1) * BM, T)
-    for n0 in range(0, hi, BN):
+    lo = 0
+    if SEGMENTS:  # as in the forward
+        st = tl.load(start_ptr + b * T + rm, mask=rm < T, other=T)
+        lo = (tl.load(start_ptr + b * T + pid_m * BM) // BN) * BN
+    for n0 in range(lo, hi, BN):
         rn = n0 + tl.arange(0, BN)
         kt = tl.load(k_base + rn[None, :] * ks_t + rd[:, None], mask=(rn[None, :] < T) & dmask[:, None], other=0.0)
         vt = tl.load(v_base + rn[None, :] * vs_t + rd[:, None], mask=(rn[None, :] < T) & dmask[:, None], other=0.0)
         s = _dot(q, kt, UPCAST, IEEE)  # unscaled (BM, BN)
         visible = (rn[None, :] <= rm[:, None]) & (rn[None, :] < T)
+        if SEGMENTS:
+            visible = visible & (rn[None, :] >= st[:, None])
         p = tl.where(visible, tl.exp(s * scale - lse[:, None]), 0.0)  # attn_prob
         dp = _dot(do, vt, UPCAST, IEEE)
         ds = scale * p * (dp - delta[:, None])  # attn_dscore
@@ -223,8 +250,9 @@ def _s3(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                         lse: torch.Tensor, scale: float) -> None:
-    """Causal GQA attention forward.
+                         lse: torch.Tensor, scale: float, start: torch.Tensor | None = None,
+                         end: torch.Tensor | None = None) -> None:
+    """Causal GQA attention forward (packed rows when ``start``/``end`` are given).
 
     Args:
         q: (B, Hq, T, D); k, v: (B, Hkv, T, D); one dtype (fp32/bf16/fp16), unit last-dim stride,
@@ -232,6 +260,8 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         out: (B, Hq, T, D) output view in q's dtype (unit last-dim stride), fully overwritten.
         lse: (B, Hq, T) fp32 contiguous, overwritten with each row's log-sum-exp of scaled scores.
         scale: score multiplier.
+        start, end: None, or (B, T) int32 contiguous sample starts / ends per token
+            (fastft.ops.segments.Segments): query i sees keys start[b, i] .. i only.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -239,13 +269,14 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         return
     cfg = _config(D, q.dtype)
     grid = (triton.cdiv(T, cfg["BM"]), B * Hq)
-    _attn_fwd_kernel[grid](q, k, v, out, lse, T, D, Hq, Hq // Hkv, scale,
-                           *_s3(q), *_s3(k), *_s3(v), *_s3(out), **cfg)
+    _attn_fwd_kernel[grid](q, k, v, out, lse, lse if start is None else start, T, D, Hq, Hq // Hkv, scale,
+                           *_s3(q), *_s3(k), *_s3(v), *_s3(out), SEGMENTS=start is not None, **cfg)
 
 
 def attention_bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          dout: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-                         dv: torch.Tensor, scale: float) -> None:
+                         dv: torch.Tensor, scale: float, start: torch.Tensor | None = None,
+                         end: torch.Tensor | None = None) -> None:
     """Causal GQA attention backward (probabilities recomputed from ``lse``).
 
     Args:
@@ -253,6 +284,7 @@ def attention_bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         dout: (B, Hq, T, D) gradient of ``out``, unit last-dim stride.
         dq: (B, Hq, T, D); dk, dv: (B, Hkv, T, D): output views in q's dtype, fully overwritten
             (dk/dv summed over the query heads of each kv head).
+        start, end: as given to :func:`attention_fwd_triton`.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -263,9 +295,13 @@ def attention_bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     delta = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(T, cfg["BM"]), B * Hq)](
         out, dout, delta, T, D, Hq, *_s3(out), *_s3(dout), BM=cfg["BM"], BD=cfg["BD"])
+    seg = start is not None
+    if seg and end is None:
+        raise ValueError("attention (triton): packed rows need both start and end")
+    st, en = (start, end) if seg else (lse, lse)  # unread placeholders without segments
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BN"]), B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, T, D, Hq, Hkv, G, scale,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv), **cfg)
+        q, k, v, dout, lse, delta, dk, dv, st, en, T, D, Hq, Hkv, G, scale,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv), SEGMENTS=seg, **cfg)
     _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BM"]), B * Hq)](
-        q, k, v, dout, lse, delta, dq, T, D, Hq, G, scale,
-        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq), **cfg)
+        q, k, v, dout, lse, delta, dq, st, T, D, Hq, G, scale,
+        *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq), SEGMENTS=seg, **cfg)

@@ -30,6 +30,8 @@ def _signature(fn, elem: str, consts: dict) -> dict:
             sig[name] = "constexpr"
         elif name in ("lse_ptr", "delta_ptr"):
             sig[name] = "*fp32"
+        elif name in ("start_ptr", "end_ptr"):  # packed rows' (B, T) int32 sample tables
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*" + elem
         elif name == "scale":
@@ -46,9 +48,12 @@ def main() -> None:
         for d in (64, 128, 256):
             cfg = A._config(d, dtype)
             warps = cfg.pop("num_warps")
-            kernels = {"fwd": (A._attn_fwd_kernel, cfg),
+            causal, packed = dict(cfg, SEGMENTS=False), dict(cfg, SEGMENTS=True)
+            kernels = {"fwd": (A._attn_fwd_kernel, causal),
                        "delta": (A._attn_bwd_delta_kernel, dict(BM=cfg["BM"], BD=cfg["BD"])),
-                       "dkdv": (A._attn_bwd_dkdv_kernel, cfg), "dq": (A._attn_bwd_dq_kernel, cfg)}
+                       "dkdv": (A._attn_bwd_dkdv_kernel, causal), "dq": (A._attn_bwd_dq_kernel, causal),
+                       "fwd packed": (A._attn_fwd_kernel, packed), "dkdv packed": (A._attn_bwd_dkdv_kernel, packed),
+                       "dq packed": (A._attn_bwd_dq_kernel, packed)}
             for name, (fn, consts) in kernels.items():
                 src = ASTSource(fn, _signature(fn, elem, consts),
                                 constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

@@ -67,17 +67,18 @@ def _fake_ext(lib):
     i64, u64 = ctypes.c_int64, ctypes.c_uint64
     s3 = lambda s: (i64 * 3)(*s)  # noqa: E731
 
-    def fwd(q, qs, k, ks, v, vs, o, os_, lse, B, Hq, Hkv, T, D, scale, dt, stream):
+    def fwd(q, qs, k, ks, v, vs, o, os_, lse, B, Hq, Hkv, T, D, scale, dt, stream, seg_start=0):
         err = lib.fastft_cuda_attention_fwd(u64(q), s3(qs), u64(k), s3(ks), u64(v), s3(vs), u64(o), s3(os_), u64(lse),
                                             i64(B), i64(Hq), i64(Hkv), i64(T), i64(D), ctypes.c_float(scale),
-                                            ctypes.c_int(dt), u64(stream))
+                                            ctypes.c_int(dt), u64(stream), u64(seg_start))
         assert err == 0, f"attention_fwd: error {err}"
 
-    def bwd(q, qs, k, ks, v, vs, o, os_, do, dos, lse, dq, dqs, dk, dks, dv, dvs, B, Hq, Hkv, T, D, scale, dt, stream):
+    def bwd(q, qs, k, ks, v, vs, o, os_, do, dos, lse, dq, dqs, dk, dks, dv, dvs, B, Hq, Hkv, T, D, scale, dt, stream,
+            seg_start=0, seg_end=0):
         err = lib.fastft_cuda_attention_bwd(u64(q), s3(qs), u64(k), s3(ks), u64(v), s3(vs), u64(o), s3(os_), u64(do),
                                             s3(dos), u64(lse), u64(dq), s3(dqs), u64(dk), s3(dks), u64(dv), s3(dvs),
                                             i64(B), i64(Hq), i64(Hkv), i64(T), i64(D), ctypes.c_float(scale),
-                                            ctypes.c_int(dt), u64(stream))
+                                            ctypes.c_int(dt), u64(stream), u64(seg_start), u64(seg_end))
         assert err == 0, f"attention_bwd: error {err}"
 
     return types.SimpleNamespace(attention_fwd=fwd, attention_bwd=bwd, ops=["attention"])
@@ -91,10 +92,10 @@ def emulated_cuda(lib, monkeypatch):
     bthd = attn._bthd
     monkeypatch.setattr(attn, "_bthd", lambda *a: bthd(*a).fill_(float("nan")))
 
-    def run(q, k, v, dout, scale=None):
+    def run(q, k, v, dout, scale=None, segments=None):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-        out = attn._AttentionFn.apply(q, k, v, scale, "cuda")
+        out = attn._AttentionFn.apply(q, k, v, scale, "cuda", segments)
         out.backward(dout)
         return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
@@ -161,8 +162,31 @@ def test_launcher_rejects_bad_shapes(lib):
     s, p = (ctypes.c_int64 * 3)(64, 32, 8), ctypes.c_uint64(0)
     args = lambda D, Hq, Hkv, dt: (p, s, p, s, p, s, p, s, p, ctypes.c_int64(1), ctypes.c_int64(Hq),  # noqa: E731
                                    ctypes.c_int64(Hkv), ctypes.c_int64(4), ctypes.c_int64(D), ctypes.c_float(0.5),
-                                   ctypes.c_int(dt), p)
+                                   ctypes.c_int(dt), p, p)
     assert lib.fastft_cuda_attention_max_head_dim() == 256
     assert lib.fastft_cuda_attention_fwd(*args(257, 2, 1, 0)) != 0
     assert lib.fastft_cuda_attention_fwd(*args(8, 3, 2, 0)) != 0
     assert lib.fastft_cuda_attention_fwd(*args(8, 2, 1, 7)) != 0
+
+
+# Packed rows (sample layouts from tests/test_attention_packed.py): the emulated kernels against
+# the reference with the same segments, fp32 and bf16, outputs and every gradient.
+@pytest.mark.parametrize("layout", ["one", "ones", "cross", "tail", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_match_reference(layout, dtype, emulated_cuda):
+    from test_attention_packed import LAYOUTS, check_against_reference
+
+    shape = (2, 4, 2, 45, 16)
+    q, k, v, dout = _padded_inputs(shape, dtype)
+    seg = LAYOUTS[layout](shape[0], shape[3])
+    ours = emulated_cuda(q, k, v, dout, segments=seg)
+    check_against_reference(ours, q, k, v, dout, seg)
+
+
+def test_backward_needs_both_segment_tables(lib):
+    s, p = (ctypes.c_int64 * 3)(64, 32, 8), ctypes.c_uint64(0)
+    one = ctypes.c_uint64(8)  # never read: the launcher refuses first
+    i64 = ctypes.c_int64
+    err = lib.fastft_cuda_attention_bwd(p, s, p, s, p, s, p, s, p, s, p, p, s, p, s, p, s, i64(1), i64(2), i64(1),
+                                        i64(4), i64(8), ctypes.c_float(0.5), ctypes.c_int(0), p, one, p)
+    assert err != 0

@@ -116,7 +116,14 @@ def test_packing_through_build(tmp_path):
                             "--data.max_length", "64"), tok)
     assert b.stats["packed_samples"] == 36 and len(b.train) < 36
     assert all("position_ids" in r and len(r["input_ids"]) <= 64 for r in b.train)
-    assert b.collator(b.train[:2])["attention_mask"].dim() == 4  # the trainer uses the block-mask collator
+    # the trainer uses the packing collator: per-sample position ids and the 2-D padding mask (no
+    # (B, 1, T, T) mask; the loss keeps samples apart, tests/test_data_packing.py)
+    from fastft.data.packing import PackedCollator
+
+    batch = b.collator(b.train[:2])
+    assert isinstance(b.collator, PackedCollator)
+    assert batch["attention_mask"].dim() == 2 and batch["position_ids"].shape == batch["input_ids"].shape
+    assert int((batch["position_ids"] == 0).sum()) > 2  # sample starts inside the rows
 
 
 def test_empty_and_malformed_files(tmp_path):

@@ -15,6 +15,10 @@
 // tiles entirely above the diagonal are never computed. The forward writes lse (fp32) for the
 // backward, which recomputes the probabilities (no T x T tensor is ever saved).
 //
+// Packed rows (several samples per row, fastft/ops/segments.py): with a (B, T) int32 table of
+// each token's sample start, every sample runs as its own causal problem on offset pointers, so
+// nothing across a sample boundary is computed or even visited.
+//
 // Tensors arrive as raw pointers plus (batch, head, time) element strides with a contiguous
 // last dim, so HF's (B, T, H, D) projections are read in place; fastft/ops/attention.py checks
 // devices, dtypes, shapes and strides.
@@ -549,17 +553,19 @@ FASTFT_ATTN_CLONES void dscore_rows(const float* P, float* dS, int64_t ld, int64
 
 inline int elem_size(int dt) { return dt == kFloat32 ? 4 : 2; }
 
-void forward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k, Strides ks,
-                  uintptr_t v, Strides vs, uintptr_t o, Strides os, float* lse, Buffers& w) {
+// The *_task functions below run one sample [s0, s0 + T) of row b as its own causal problem
+// (indices inside are relative to s0; T is the sample's length, sh.T the row's).
+void forward_task(int dt, const Shape& sh, int64_t b, int64_t hk, int64_t s0, int64_t T, uintptr_t q, Strides qs,
+                  uintptr_t k, Strides ks, uintptr_t v, Strides vs, uintptr_t o, Strides os, float* lse, Buffers& w) {
   const int es = elem_size(dt);
-  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L;
-  load_rows(dt, at<char>(k, ks, b, hk, es), ks.t, T, D, w.kt.data(), L, true);
-  load_rows(dt, at<char>(v, vs, b, hk, es), vs.t, T, D, w.vf.data(), D);
+  const int64_t D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L;
+  load_rows(dt, at<char>(k, ks, b, hk, es) + s0 * ks.t * es, ks.t, T, D, w.kt.data(), L, true);
+  load_rows(dt, at<char>(v, vs, b, hk, es) + s0 * vs.t * es, vs.t, T, D, w.vf.data(), D);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
-    const char* qh = at<char>(q, qs, b, h, es);
-    char* oh = const_cast<char*>(at<char>(o, os, b, h, es));
-    float* lse_h = lse + (b * sh.Hq + h) * T;
+    const char* qh = at<char>(q, qs, b, h, es) + s0 * qs.t * es;
+    char* oh = const_cast<char*>(at<char>(o, os, b, h, es)) + s0 * os.t * es;
+    float* lse_h = lse + (b * sh.Hq + h) * sh.T + s0;
     for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
       const int64_t rows = std::min<int64_t>(kBQ, T - i0);
       load_rows(dt, qh + i0 * qs.t * es, qs.t, rows, D, w.q.data(), D);
@@ -571,28 +577,31 @@ void forward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, S
   }
 }
 
-void backward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k,
-                   Strides ks, uintptr_t v, Strides vs, uintptr_t o, Strides os, uintptr_t dout, Strides dos,
-                   const float* lse, uintptr_t dq, Strides dqs, uintptr_t dk, Strides dks, uintptr_t dv,
+void backward_task(int dt, const Shape& sh, int64_t b, int64_t hk, int64_t s0, int64_t T, uintptr_t q, Strides qs,
+                   uintptr_t k, Strides ks, uintptr_t v, Strides vs, uintptr_t o, Strides os, uintptr_t dout,
+                   Strides dos, const float* lse, uintptr_t dq, Strides dqs, uintptr_t dk, Strides dks, uintptr_t dv,
                    Strides dvs, Buffers& w) {
   const int es = elem_size(dt);
-  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L;
-  const char* kh = at<char>(k, ks, b, hk, es);
-  const char* vh = at<char>(v, vs, b, hk, es);
+  const int64_t D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L;
+  const char* kh = at<char>(k, ks, b, hk, es) + s0 * ks.t * es;
+  const char* vh = at<char>(v, vs, b, hk, es) + s0 * vs.t * es;
   load_rows(dt, kh, ks.t, T, D, w.kt.data(), L, true);
   load_rows(dt, kh, ks.t, T, D, w.kf.data(), D);
   load_rows(dt, vh, vs.t, T, D, w.vt.data(), L, true);
-  std::fill(w.dkt.begin(), w.dkt.end(), 0.0f);
-  std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
+  // dK^T, dV^T (D x L): only the sample's T columns are accumulated and stored
+  for (int64_t d = 0; d < D; ++d) {
+    std::fill_n(w.dkt.data() + d * L, T, 0.0f);
+    std::fill_n(w.dvt.data() + d * L, T, 0.0f);
+  }
   float* S = w.s.data();
   float* dS = w.ds.data();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
-    const char* qh = at<char>(q, qs, b, h, es);
-    const char* oh = at<char>(o, os, b, h, es);
-    const char* doh = at<char>(dout, dos, b, h, es);
-    char* dqh = const_cast<char*>(at<char>(dq, dqs, b, h, es));
-    const float* lse_h = lse + (b * sh.Hq + h) * T;
+    const char* qh = at<char>(q, qs, b, h, es) + s0 * qs.t * es;
+    const char* oh = at<char>(o, os, b, h, es) + s0 * os.t * es;
+    const char* doh = at<char>(dout, dos, b, h, es) + s0 * dos.t * es;
+    char* dqh = const_cast<char*>(at<char>(dq, dqs, b, h, es)) + s0 * dqs.t * es;
+    const float* lse_h = lse + (b * sh.Hq + h) * sh.T + s0;
     for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
       const int64_t rows = std::min<int64_t>(kBQ, T - i0);
       load_rows(dt, qh + i0 * qs.t * es, qs.t, rows, D, w.q.data(), D);
@@ -610,21 +619,22 @@ void backward_task(int dt, const Shape& sh, int64_t b, int64_t hk, uintptr_t q, 
       gemm(true, w.q.data(), D, dS, L, w.dkt.data(), L, D, T, rows, true, kQueryDepth, i0);
     }
   }
-  store_rows(dt, const_cast<char*>(at<char>(dk, dks, b, hk, es)), dks.t, T, D, w.dkt.data(), L, true);
-  store_rows(dt, const_cast<char*>(at<char>(dv, dvs, b, hk, es)), dvs.t, T, D, w.dvt.data(), L, true);
+  store_rows(dt, const_cast<char*>(at<char>(dk, dks, b, hk, es)) + s0 * dks.t * es, dks.t, T, D, w.dkt.data(), L, true);
+  store_rows(dt, const_cast<char*>(at<char>(dv, dvs, b, hk, es)) + s0 * dvs.t * es, dvs.t, T, D, w.dvt.data(), L, true);
 }
 
 // forward_task on the bf16 path (bf16 I/O, AVX512-BF16).
-void forward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k, Strides ks,
-                       uintptr_t v, Strides vs, uintptr_t o, Strides os, float* lse, Buffers& w) {
-  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L, D2 = (D + 1) / 2 * 2;
-  pair_transpose(at<uint16_t>(k, ks, b, hk, 2), ks.t, T, D, w.ktp.data(), 2 * L);
-  pair_rows_bf16(at<uint16_t>(v, vs, b, hk, 2), vs.t, T, D, w.vp.data(), 2 * D);
+void forward_task_bf16(const Shape& sh, int64_t b, int64_t hk, int64_t s0, int64_t T, uintptr_t q, Strides qs,
+                       uintptr_t k, Strides ks, uintptr_t v, Strides vs, uintptr_t o, Strides os, float* lse,
+                       Buffers& w) {
+  const int64_t D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L, D2 = (D + 1) / 2 * 2;
+  pair_transpose(at<uint16_t>(k, ks, b, hk, 2) + s0 * ks.t, ks.t, T, D, w.ktp.data(), 2 * L);
+  pair_rows_bf16(at<uint16_t>(v, vs, b, hk, 2) + s0 * vs.t, vs.t, T, D, w.vp.data(), 2 * D);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
-    const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2);
-    char* oh = const_cast<char*>(at<char>(o, os, b, h, 2));
-    float* lse_h = lse + (b * sh.Hq + h) * T;
+    const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2) + s0 * qs.t;
+    char* oh = const_cast<char*>(at<char>(o, os, b, h, 2)) + s0 * os.t * 2;
+    float* lse_h = lse + (b * sh.Hq + h) * sh.T + s0;
     for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
       const int64_t rows = std::min<int64_t>(kBQ, T - i0), end = i0 + rows;
       copy_rows_bf16(qh + i0 * qs.t, qs.t, rows, D, w.qb.data(), D2);
@@ -638,28 +648,28 @@ void forward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Stri
 }
 
 // backward_task on the bf16 path.
-void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Strides qs, uintptr_t k, Strides ks,
-                        uintptr_t v, Strides vs, uintptr_t o, Strides os, uintptr_t dout, Strides dos,
-                        const float* lse, uintptr_t dq, Strides dqs, uintptr_t dk, Strides dks, uintptr_t dv,
-                        Strides dvs, Buffers& w) {
-  const int64_t T = sh.T, D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L, D2 = (D + 1) / 2 * 2;
-  const uint16_t* kh = at<uint16_t>(k, ks, b, hk, 2);
-  const uint16_t* vh = at<uint16_t>(v, vs, b, hk, 2);
+void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, int64_t s0, int64_t T, uintptr_t q, Strides qs,
+                        uintptr_t k, Strides ks, uintptr_t v, Strides vs, uintptr_t o, Strides os, uintptr_t dout,
+                        Strides dos, const float* lse, uintptr_t dq, Strides dqs, uintptr_t dk, Strides dks,
+                        uintptr_t dv, Strides dvs, Buffers& w) {
+  const int64_t D = sh.D, G = sh.Hq / sh.Hkv, L = sh.L, D2 = (D + 1) / 2 * 2;
+  const uint16_t* kh = at<uint16_t>(k, ks, b, hk, 2) + s0 * ks.t;
+  const uint16_t* vh = at<uint16_t>(v, vs, b, hk, 2) + s0 * vs.t;
   pair_transpose(kh, ks.t, T, D, w.ktp.data(), 2 * L);
   pair_rows_bf16(kh, ks.t, T, D, w.kp.data(), 2 * D);
   pair_transpose(vh, vs.t, T, D, w.vtp.data(), 2 * L);
   // dK, dV accumulate as (T, D) rows (keys as the product's rows), stored without a transpose
-  std::fill(w.dkt.begin(), w.dkt.end(), 0.0f);
-  std::fill(w.dvt.begin(), w.dvt.end(), 0.0f);
+  std::fill_n(w.dkt.data(), T * D, 0.0f);
+  std::fill_n(w.dvt.data(), T * D, 0.0f);
   float* S = w.s.data();
   float* dS = w.ds.data();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
-    const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2);
-    const uint16_t* oh = at<uint16_t>(o, os, b, h, 2);
-    const uint16_t* doh = at<uint16_t>(dout, dos, b, h, 2);
-    char* dqh = const_cast<char*>(at<char>(dq, dqs, b, h, 2));
-    const float* lse_h = lse + (b * sh.Hq + h) * T;
+    const uint16_t* qh = at<uint16_t>(q, qs, b, h, 2) + s0 * qs.t;
+    const uint16_t* oh = at<uint16_t>(o, os, b, h, 2) + s0 * os.t;
+    const uint16_t* doh = at<uint16_t>(dout, dos, b, h, 2) + s0 * dos.t;
+    char* dqh = const_cast<char*>(at<char>(dq, dqs, b, h, 2)) + s0 * dqs.t * 2;
+    const float* lse_h = lse + (b * sh.Hq + h) * sh.T + s0;
     for (int64_t i0 = 0; i0 < T; i0 += kBQ) {
       const int64_t rows = std::min<int64_t>(kBQ, T - i0), end = i0 + rows;
       copy_rows_bf16(qh + i0 * qs.t, qs.t, rows, D, w.qb.data(), D2);
@@ -683,8 +693,8 @@ void backward_task_bf16(const Shape& sh, int64_t b, int64_t hk, uintptr_t q, Str
       gemm_bf16(true, w.pp.data(), 2 * L, w.qtp.data(), 2 * D, w.dkt.data(), D, T, D, rows, true, kKeyRows, i0);
     }
   }
-  store_rows(kBFloat16, const_cast<char*>(at<char>(dk, dks, b, hk, 2)), dks.t, T, D, w.dkt.data(), D);
-  store_rows(kBFloat16, const_cast<char*>(at<char>(dv, dvs, b, hk, 2)), dvs.t, T, D, w.dvt.data(), D);
+  store_rows(kBFloat16, const_cast<char*>(at<char>(dk, dks, b, hk, 2)) + s0 * dks.t * 2, dks.t, T, D, w.dkt.data(), D);
+  store_rows(kBFloat16, const_cast<char*>(at<char>(dv, dvs, b, hk, 2)) + s0 * dvs.t * 2, dvs.t, T, D, w.dvt.data(), D);
 }
 
 Shape make_shape(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, double scale, int dtype) {
@@ -717,18 +727,36 @@ void for_each_task(const Shape& sh, bool bf16, Fn&& fn) {
   }
 }
 
+// Calls fn(s0, n) for each sample [s0, s0 + n) of row b: where seg_start[b, i] == i a sample
+// starts (fastft/ops/segments.py); the whole row when there is no table. Any table content gives
+// in-bounds samples that tile the row.
+template <typename Fn>
+void for_each_sample(const int32_t* seg_start, int64_t b, int64_t T, Fn&& fn) {
+  if (seg_start == nullptr) return fn(int64_t{0}, T);
+  const int32_t* st = seg_start + b * T;
+  int64_t s0 = 0;
+  for (int64_t i = 1; i <= T; ++i)
+    if (i == T || st[i] == i) {
+      fn(s0, i - s0);
+      s0 = i;
+    }
+}
+
 void attention_fwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vector<int64_t> kst, uintptr_t v,
                    std::vector<int64_t> vst, uintptr_t o, std::vector<int64_t> ost, uintptr_t lse, int64_t B,
-                   int64_t Hq, int64_t Hkv, int64_t T, int64_t D, double scale, int dtype) {
+                   int64_t Hq, int64_t Hkv, int64_t T, int64_t D, double scale, int dtype, uintptr_t seg_start) {
   const Shape sh = make_shape(B, Hq, Hkv, T, D, scale, dtype);
   const Strides qs = strides_of(qst, "q"), ks = strides_of(kst, "k"), vs = strides_of(vst, "v"),
                 os = strides_of(ost, "out");
   if (B == 0 || T == 0) return;
   float* l = reinterpret_cast<float*>(lse);
   const bool bf16 = use_bf16_dot(dtype);
+  const auto* seg = reinterpret_cast<const int32_t*>(seg_start);
   for_each_task(sh, bf16, [&](int64_t b, int64_t hk, Buffers& w) {
-    if (bf16) forward_task_bf16(sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
-    else forward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, l, w);
+    for_each_sample(seg, b, T, [&](int64_t s0, int64_t n) {
+      if (bf16) forward_task_bf16(sh, b, hk, s0, n, q, qs, k, ks, v, vs, o, os, l, w);
+      else forward_task(dtype, sh, b, hk, s0, n, q, qs, k, ks, v, vs, o, os, l, w);
+    });
   });
 }
 
@@ -736,7 +764,7 @@ void attention_bwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vect
                    std::vector<int64_t> vst, uintptr_t o, std::vector<int64_t> ost, uintptr_t dout,
                    std::vector<int64_t> dost, uintptr_t lse, uintptr_t dq, std::vector<int64_t> dqst, uintptr_t dk,
                    std::vector<int64_t> dkst, uintptr_t dv, std::vector<int64_t> dvst, int64_t B, int64_t Hq,
-                   int64_t Hkv, int64_t T, int64_t D, double scale, int dtype) {
+                   int64_t Hkv, int64_t T, int64_t D, double scale, int dtype, uintptr_t seg_start) {
   const Shape sh = make_shape(B, Hq, Hkv, T, D, scale, dtype);
   const Strides qs = strides_of(qst, "q"), ks = strides_of(kst, "k"), vs = strides_of(vst, "v"),
                 os = strides_of(ost, "out"), dos = strides_of(dost, "grad_out"), dqs = strides_of(dqst, "dq"),
@@ -744,9 +772,15 @@ void attention_bwd(uintptr_t q, std::vector<int64_t> qst, uintptr_t k, std::vect
   if (B == 0 || T == 0) return;
   const float* l = reinterpret_cast<const float*>(lse);
   const bool bf16 = use_bf16_dot(dtype);
+  const auto* seg = reinterpret_cast<const int32_t*>(seg_start);
   for_each_task(sh, bf16, [&](int64_t b, int64_t hk, Buffers& w) {
-    if (bf16) backward_task_bf16(sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
-    else backward_task(dtype, sh, b, hk, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
+    for_each_sample(seg, b, T, [&](int64_t s0, int64_t n) {
+      if (bf16)
+        backward_task_bf16(sh, b, hk, s0, n, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs, w);
+      else
+        backward_task(dtype, sh, b, hk, s0, n, q, qs, k, ks, v, vs, o, os, dout, dos, l, dq, dqs, dk, dks, dv, dvs,
+                      w);
+    });
   });
 }
 
@@ -756,14 +790,17 @@ void register_attention(py::module_& m) {
   m.def("attention_fwd", &attention_fwd, py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"),
         py::arg("v"), py::arg("v_strides"), py::arg("out"), py::arg("out_strides"), py::arg("lse"), py::arg("B"),
         py::arg("Hq"), py::arg("Hkv"), py::arg("T"), py::arg("D"), py::arg("scale"), py::arg("dtype"),
+        py::arg("seg_start") = 0,
         "Causal attention forward; strides (batch, head, time) in elements, last dim contiguous; "
-        "lse (B, Hq, T) fp32 contiguous.");
+        "lse (B, Hq, T) fp32 contiguous; seg_start: 0 or a (B, T) int32 contiguous table of each "
+        "token's sample start (packed rows: a query sees only its own sample).");
   m.def("attention_bwd", &attention_bwd, py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"),
         py::arg("v"), py::arg("v_strides"), py::arg("out"), py::arg("out_strides"), py::arg("grad_out"),
         py::arg("grad_out_strides"), py::arg("lse"), py::arg("dq"), py::arg("dq_strides"), py::arg("dk"),
         py::arg("dk_strides"), py::arg("dv"), py::arg("dv_strides"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
-        py::arg("T"), py::arg("D"), py::arg("scale"), py::arg("dtype"),
-        "Causal attention backward (probabilities recomputed from lse); writes dq, dk, dv.");
+        py::arg("T"), py::arg("D"), py::arg("scale"), py::arg("dtype"), py::arg("seg_start") = 0,
+        "Causal attention backward (probabilities recomputed from lse); writes dq, dk, dv; "
+        "seg_start as in attention_fwd.");
   m.def(
       "attention_bf16_dot",
       [](py::object on) {

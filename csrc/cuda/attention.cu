@@ -16,6 +16,11 @@
 //   delta_i = do_i . o_i is recomputed per query tile (no scratch buffer to allocate).
 // * dQ: one block per (batch * query head, query tile), looping over the key tiles up to the
 //   diagonal.
+// * packed rows: optional (B, T) int32 tables of each token's sample start and end
+//   (fastft/ops/segments.py; nullptr = plain causal). Key loops start at the tile holding the
+//   query tile's first sample start (starts never decrease along a row) and the dK/dV query loop
+//   stops at the end of the key tile's last sample, so tiles wholly across a sample boundary are
+//   never visited; inside a tile key j is visible to query i iff start[i] <= j <= i.
 // Written for correctness and clarity, not peak speed (no tensor cores). It has never run on a GPU
 // (none on the development machine): tests/test_attention_cuda_emulated.py runs this file on CPU
 // threads through a small CUDA emulation (tests/cuda_emu/) against the reference. The Triton
@@ -72,6 +77,11 @@ __device__ void load_tile(const typename Elem<DT>::T* src, int64_t st, int rows,
   }
 }
 
+// First key query i may see: its sample's start (0 without a table; T past the end, seeing nothing).
+__device__ __forceinline__ int key_start(const int* seg_start, int64_t b, int T, int i) {
+  return seg_start == nullptr ? 0 : (i < T ? seg_start[b * T + i] : T);
+}
+
 __device__ __forceinline__ float dot_rows(const float* a, const float* b, int D) {
   float s = 0.0f;
   for (int d = 0; d < D; ++d) s = fmaf(a[d], b[d], s);
@@ -93,7 +103,8 @@ template <int DT, int DMAX>
 __global__ void __launch_bounds__(kThreads)
 attn_fwd_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const typename Elem<DT>::T* __restrict__ k, Str ks,
                 const typename Elem<DT>::T* __restrict__ v, Str vs, typename Elem<DT>::T* __restrict__ o, Str os,
-                float* __restrict__ lse, int Hq, int G, int T, int D, int tiles, float scale) {
+                float* __restrict__ lse, const int* __restrict__ seg_start, int Hq, int G, int T, int D, int tiles,
+                float scale) {
   using C = Cfg<DMAX>;
   constexpr int BT = C::BT, TPR = C::TPR, NC = C::NC;
   extern __shared__ float sm[];
@@ -111,27 +122,30 @@ attn_fwd_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const typena
   float acc[NC];
 #pragma unroll
   for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
-  float m = -FLT_MAX, l = 0.0f;  // running max of scaled scores, running sum of exp(s - m)
+  // running max of scaled scores, running sum of exp(s - m); -FLT_MAX (not -inf) keeps a row that
+  // has seen no key yet (its sample starts in a later tile) at alpha = 1, l = 0, acc = 0
+  float m = -FLT_MAX, l = 0.0f;
   const int kend = min(T, i0 + BT);  // keys past the tile's last query are masked for all its rows
-  for (int j0 = 0; j0 < kend; j0 += BT) {
+  const int kbeg = key_start(seg_start, b, T, i0) / BT * BT;  // earlier key tiles: all masked
+  const int my_start = key_start(seg_start, b, T, i0 + r);
+  for (int j0 = kbeg; j0 < kend; j0 += BT) {
     __syncthreads();  // the previous tile's value reads are done
     load_tile<DT>(kh + j0 * ks.t, ks.t, BT, min(BT, T - j0), D, skv, ld);
     __syncthreads();
     for (int e = threadIdx.x; e < BT * BT; e += kThreads) {
       const int rr = e / BT, jj = e % BT;
-      const bool vis = j0 + jj <= i0 + rr && j0 + jj < T;
+      const bool vis = j0 + jj <= i0 + rr && j0 + jj < T && j0 + jj >= key_start(seg_start, b, T, i0 + rr);
       sp[rr * lds + jj] = vis ? dot_rows(sq + rr * ld, skv + jj * ld, D) : 0.0f;
     }
     __syncthreads();
-    // key 0 is visible to every row of the first tile, so m_new is a real score from then on
     float mx = -FLT_MAX;
     for (int jj = lane; jj < BT; jj += TPR)
-      if (j0 + jj <= i0 + r && j0 + jj < T) mx = fmaxf(mx, sp[r * lds + jj] * scale);
+      if (j0 + jj <= i0 + r && j0 + jj < T && j0 + jj >= my_start) mx = fmaxf(mx, sp[r * lds + jj] * scale);
     const float m_new = fmaxf(m, row_max<TPR>(mx));
     const float alpha = fastft::ce_exp(m - m_new);
     float sum = 0.0f;
     for (int jj = lane; jj < BT; jj += TPR) {
-      const bool vis = j0 + jj <= i0 + r && j0 + jj < T;
+      const bool vis = j0 + jj <= i0 + r && j0 + jj < T && j0 + jj >= my_start;
       const float p = vis ? fastft::attn_prob(sp[r * lds + jj], scale, m_new) : 0.0f;
       sp[r * lds + jj] = p;
       sum += p;
@@ -171,8 +185,8 @@ attn_bwd_dkdv_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const t
                      Str ks, const typename Elem<DT>::T* __restrict__ v, Str vs,
                      const typename Elem<DT>::T* __restrict__ o, Str os, const typename Elem<DT>::T* __restrict__ dout,
                      Str dos, const float* __restrict__ lse, typename Elem<DT>::T* __restrict__ dk, Str dks,
-                     typename Elem<DT>::T* __restrict__ dv, Str dvs, int Hq, int Hkv, int G, int T, int D, int tiles,
-                     float scale) {
+                     typename Elem<DT>::T* __restrict__ dv, Str dvs, const int* __restrict__ seg_start,
+                     const int* __restrict__ seg_end, int Hq, int Hkv, int G, int T, int D, int tiles, float scale) {
   using C = Cfg<DMAX>;
   constexpr int BT = C::BT, TPR = C::TPR, NC = C::NC;
   extern __shared__ float sm[];
@@ -200,7 +214,9 @@ attn_bwd_dkdv_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const t
     const auto* oh = o + b * os.b + h * os.h;
     const auto* doh = dout + b * dos.b + h * dos.h;
     const float* lse_h = lse + (b * Hq + h) * T;
-    for (int i0 = j0; i0 < T; i0 += BT) {  // tiles are aligned: the first one seeing key j0 starts at j0
+    // tiles are aligned: the first one seeing key j0 starts at j0; the last ends the last key's sample
+    const int qend = seg_end == nullptr ? T : seg_end[b * T + min(j0 + BT, T) - 1];
+    for (int i0 = j0; i0 < qend; i0 += BT) {
       const int rows = min(BT, T - i0);
       __syncthreads();  // the previous tile's reads are done
       load_tile<DT>(qh + i0 * qs.t, qs.t, BT, rows, D, sq, ld);
@@ -218,7 +234,7 @@ attn_bwd_dkdv_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const t
       for (int e = threadIdx.x; e < BT * BT; e += kThreads) {
         const int rr = e / BT, jj = e % BT;  // query rr, key jj
         float p = 0.0f, ds = 0.0f;
-        if (j0 + jj <= i0 + rr && i0 + rr < T) {
+        if (j0 + jj <= i0 + rr && i0 + rr < T && j0 + jj >= key_start(seg_start, b, T, i0 + rr)) {
           p = fastft::attn_prob(dot_rows(sq + rr * ld, sk + jj * ld, D), scale, slse[rr]);
           ds = fastft::attn_dscore(p, dot_rows(sdo + rr * ld, sv + jj * ld, D), sdelta[rr], scale);
         }
@@ -260,8 +276,8 @@ __global__ void __launch_bounds__(kThreads)
 attn_bwd_dq_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const typename Elem<DT>::T* __restrict__ k,
                    Str ks, const typename Elem<DT>::T* __restrict__ v, Str vs,
                    const typename Elem<DT>::T* __restrict__ o, Str os, const typename Elem<DT>::T* __restrict__ dout,
-                   Str dos, const float* __restrict__ lse, typename Elem<DT>::T* __restrict__ dq, Str dqs, int Hq,
-                   int G, int T, int D, int tiles, float scale) {
+                   Str dos, const float* __restrict__ lse, typename Elem<DT>::T* __restrict__ dq, Str dqs,
+                   const int* __restrict__ seg_start, int Hq, int G, int T, int D, int tiles, float scale) {
   using C = Cfg<DMAX>;
   constexpr int BT = C::BT, TPR = C::TPR, NC = C::NC;
   extern __shared__ float sm[];
@@ -295,7 +311,8 @@ attn_bwd_dq_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const typ
 #pragma unroll
   for (int c = 0; c < NC; ++c) acc[c] = 0.0f;
   const int kend = min(T, i0 + BT);
-  for (int j0 = 0; j0 < kend; j0 += BT) {
+  const int kbeg = key_start(seg_start, b, T, i0) / BT * BT;  // as in the forward
+  for (int j0 = kbeg; j0 < kend; j0 += BT) {
     __syncthreads();  // the previous tile's reads are done (and sdelta/slse written on the first pass)
     load_tile<DT>(kh + j0 * ks.t, ks.t, BT, min(BT, T - j0), D, sk, ld);
     load_tile<DT>(vh + j0 * vs.t, vs.t, BT, min(BT, T - j0), D, sv, ld);
@@ -303,7 +320,7 @@ attn_bwd_dq_kernel(const typename Elem<DT>::T* __restrict__ q, Str qs, const typ
     for (int e = threadIdx.x; e < BT * BT; e += kThreads) {
       const int rr = e / BT, jj = e % BT;  // query rr, key jj
       float ds = 0.0f;
-      if (j0 + jj <= i0 + rr && i0 + rr < T) {
+      if (j0 + jj <= i0 + rr && i0 + rr < T && j0 + jj >= key_start(seg_start, b, T, i0 + rr)) {
         const float p = fastft::attn_prob(dot_rows(sq + rr * ld, sk + jj * ld, D), scale, slse[rr]);
         ds = fastft::attn_dscore(p, dot_rows(sdo + rr * ld, sv + jj * ld, D), sdelta[rr], scale);
       }
@@ -342,7 +359,7 @@ int prepare(K kernel, size_t bytes) {
 template <int DT, int DMAX>
 int launch_fwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, uintptr_t v, const int64_t* vs,
                uintptr_t out, const int64_t* os, uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
-               int64_t D, float scale, cudaStream_t st) {
+               int64_t D, float scale, cudaStream_t st, uintptr_t seg_start) {
   using TT = typename Elem<DT>::T;
   constexpr int BT = Cfg<DMAX>::BT;
   const int ld = static_cast<int>(D) | 1;
@@ -353,7 +370,7 @@ int launch_fwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, u
   kern<<<static_cast<unsigned>(B * Hq * tiles), kThreads, smem, st>>>(
       reinterpret_cast<const TT*>(q), str3(qs), reinterpret_cast<const TT*>(k), str3(ks),
       reinterpret_cast<const TT*>(v), str3(vs), reinterpret_cast<TT*>(out), str3(os), reinterpret_cast<float*>(lse),
-      static_cast<int>(Hq), static_cast<int>(Hq / Hkv), static_cast<int>(T), static_cast<int>(D),
+      reinterpret_cast<const int*>(seg_start), static_cast<int>(Hq), static_cast<int>(Hq / Hkv), static_cast<int>(T), static_cast<int>(D),
       static_cast<int>(tiles), scale);
   return static_cast<int>(cudaGetLastError());
 }
@@ -362,7 +379,8 @@ template <int DT, int DMAX>
 int launch_bwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, uintptr_t v, const int64_t* vs,
                uintptr_t out, const int64_t* os, uintptr_t dout, const int64_t* dos, uintptr_t lse, uintptr_t dq,
                const int64_t* dqs, uintptr_t dk, const int64_t* dks, uintptr_t dv, const int64_t* dvs, int64_t B,
-               int64_t Hq, int64_t Hkv, int64_t T, int64_t D, float scale, cudaStream_t st) {
+               int64_t Hq, int64_t Hkv, int64_t T, int64_t D, float scale, cudaStream_t st, uintptr_t seg_start,
+               uintptr_t seg_end) {
   using TT = typename Elem<DT>::T;
   constexpr int BT = Cfg<DMAX>::BT;
   const int ld = static_cast<int>(D) | 1;
@@ -380,7 +398,8 @@ int launch_bwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, u
   if (int err = prepare(kv, smem_kv)) return err;
   kv<<<static_cast<unsigned>(B * Hkv * tiles), kThreads, smem_kv, st>>>(
       qp, str3(qs), kp, str3(ks), vp, str3(vs), op, str3(os), dop, str3(dos), lp, reinterpret_cast<TT*>(dk),
-      str3(dks), reinterpret_cast<TT*>(dv), str3(dvs), static_cast<int>(Hq), static_cast<int>(Hkv), G,
+      str3(dks), reinterpret_cast<TT*>(dv), str3(dvs), reinterpret_cast<const int*>(seg_start),
+      reinterpret_cast<const int*>(seg_end), static_cast<int>(Hq), static_cast<int>(Hkv), G,
       static_cast<int>(T), static_cast<int>(D), static_cast<int>(tiles), scale);
   if (int err = static_cast<int>(cudaGetLastError())) return err;
 
@@ -389,7 +408,7 @@ int launch_bwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, u
   if (int err = prepare(qk, smem_q)) return err;
   qk<<<static_cast<unsigned>(B * Hq * tiles), kThreads, smem_q, st>>>(
       qp, str3(qs), kp, str3(ks), vp, str3(vs), op, str3(os), dop, str3(dos), lp, reinterpret_cast<TT*>(dq),
-      str3(dqs), static_cast<int>(Hq), G, static_cast<int>(T), static_cast<int>(D), static_cast<int>(tiles), scale);
+      str3(dqs), reinterpret_cast<const int*>(seg_start), static_cast<int>(Hq), G, static_cast<int>(T), static_cast<int>(D), static_cast<int>(tiles), scale);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -421,11 +440,11 @@ extern "C" int fastft_cuda_attention_max_head_dim() { return kMaxHeadDim; }
 extern "C" int fastft_cuda_attention_fwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, uintptr_t v,
                                          const int64_t* vs, uintptr_t out, const int64_t* os, uintptr_t lse, int64_t B,
                                          int64_t Hq, int64_t Hkv, int64_t T, int64_t D, float scale, int dtype,
-                                         uintptr_t stream) {
+                                         uintptr_t stream, uintptr_t seg_start) {
   if (B == 0 || T == 0) return 0;
   if (D <= 0 || D > kMaxHeadDim || Hkv <= 0 || Hq % Hkv != 0) return static_cast<int>(cudaErrorInvalidValue);
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  FASTFT_ATTN_DISPATCH(launch_fwd, q, qs, k, ks, v, vs, out, os, lse, B, Hq, Hkv, T, D, scale, st);
+  FASTFT_ATTN_DISPATCH(launch_fwd, q, qs, k, ks, v, vs, out, os, lse, B, Hq, Hkv, T, D, scale, st, seg_start);
 }
 
 extern "C" int fastft_cuda_attention_bwd(uintptr_t q, const int64_t* qs, uintptr_t k, const int64_t* ks, uintptr_t v,
@@ -433,10 +452,11 @@ extern "C" int fastft_cuda_attention_bwd(uintptr_t q, const int64_t* qs, uintptr
                                          const int64_t* dos, uintptr_t lse, uintptr_t dq, const int64_t* dqs,
                                          uintptr_t dk, const int64_t* dks, uintptr_t dv, const int64_t* dvs, int64_t B,
                                          int64_t Hq, int64_t Hkv, int64_t T, int64_t D, float scale, int dtype,
-                                         uintptr_t stream) {
+                                         uintptr_t stream, uintptr_t seg_start, uintptr_t seg_end) {
   if (B == 0 || T == 0) return 0;
   if (D <= 0 || D > kMaxHeadDim || Hkv <= 0 || Hq % Hkv != 0) return static_cast<int>(cudaErrorInvalidValue);
+  if ((seg_start == 0) != (seg_end == 0)) return static_cast<int>(cudaErrorInvalidValue);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   FASTFT_ATTN_DISPATCH(launch_bwd, q, qs, k, ks, v, vs, out, os, dout, dos, lse, dq, dqs, dk, dks, dv, dvs, B, Hq, Hkv,
-                       T, D, scale, st);
+                       T, D, scale, st, seg_start, seg_end);
 }

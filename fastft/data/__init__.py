@@ -35,7 +35,7 @@ class DataBundle:
     tasks: dict[str, list[dict]] = field(default_factory=dict)  # per-task validation subsets
     stats: dict[str, int] = field(default_factory=dict)
     label_names: list[str] = field(default_factory=list)  # classification: class id -> name
-    collator: object | None = None  # set when the rows need their own (packing: 4-D block masks)
+    collator: object | None = None  # set when the rows need their own (packing: per-sample position ids)
 
 
 def default_train_file() -> str:

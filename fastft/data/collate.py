@@ -8,7 +8,8 @@ class Collator:
     """Right-pad examples into ``input_ids``/``attention_mask``/``labels`` (all ``(B, T)`` int64).
 
     Token examples carry ``input_ids`` and ``labels`` lists (labels -100 where masked); packed
-    rows may add ``position_ids`` (restarting at 0 per sample), padded with 0. Classification
+    rows may add ``position_ids`` (restarting at 0 per sample); their pad tail counts 0, 1, ...
+    like one more sample (so position ids alone never split it into 1-token samples). Classification
     examples carry ``input_ids`` and an int ``label``; their ``labels`` is ``(B,)``.
     ``pad_to_multiple_of`` rounds T up (e.g. 8 for tensor cores).
     """
@@ -36,6 +37,7 @@ class Collator:
                 labels[i, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
             if positions is not None:
                 positions[i, :n] = torch.as_tensor(e["position_ids"], dtype=torch.long)
+                positions[i, n:] = torch.arange(T - n)
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_labels:
             out["labels"] = labels

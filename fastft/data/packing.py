@@ -3,9 +3,12 @@
 A packed row concatenates examples; ``position_ids`` restart at 0 for each sample (so RoPE sees
 the same positions as unpacked), and the first label of every sample is -100 (in an unpacked row
 nothing predicts token 0; packed, the previous sample's last token would). Attention is kept
-inside each sample by a block-diagonal causal mask built from the position ids
-(:func:`block_causal_mask`), which :class:`PackedCollator` puts in the batch as a 4-D additive mask
-that Hugging Face models use as-is (eager and SDPA). With the same target tokens and no cross-sample
+inside each sample from the position ids: :class:`PackedCollator` hands the rows' ``position_ids``
+and the 2-D padding mask, no (B, 1, T, T) mask. fastft's training loss turns them into the rows'
+sample layout (:mod:`fastft.ops.segments`) for its segment-aware attention when the model's
+attention is routed through fastft (fused decoder layers included), and into the block-diagonal
+mask of :func:`block_causal_mask` for Hugging Face's own attention otherwise
+(``fastft.train_utils.attention_inputs``). With the same target tokens and no cross-sample
 attention, the mean loss of a packed batch equals the unpacked one (``tests/test_data_packing.py``).
 
 Why: the bundled instruction rows are ~40 tokens; padded to the longest in a batch of 8, about
@@ -115,17 +118,24 @@ def block_causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 class PackedCollator(Collator):
-    """:class:`Collator` for packed rows: replaces the 2-D ``attention_mask`` by the 4-D
-    block-diagonal causal mask (``(B, 1, T, T)``, ``mask_dtype``), because Hugging Face models
-    given a 2-D all-ones mask attend across packed samples."""
+    """:class:`Collator` for packed rows: ``input_ids``, ``labels``, the 2-D padding
+    ``attention_mask`` and ``position_ids`` (restarting at 0 per sample; the pad tail counts up
+    like one more sample), all (B, T) int64; with ``cu_seqlens=True`` also ``cu_seqlens``
+    ((N + 1,) int32, FlashAttention's varlen convention over the B * T flattened tokens, the pad
+    tails counted as samples; fastft's loss accepts it in place of deriving it). No (B, 1, T, T) mask: a Hugging Face model given these directly must
+    not get the 2-D mask alone (it would attend across samples) — fastft's loss takes care of
+    that (``fastft.train_utils.attention_inputs``); elsewhere use :func:`block_causal_mask`.
+    """
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, mask_dtype: torch.dtype = torch.float32):
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, cu_seqlens: bool = False):
         super().__init__(pad_id, pad_to_multiple_of)
-        self.mask_dtype = mask_dtype
+        self.cu_seqlens = cu_seqlens
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)
-        if "position_ids" in batch:
-            batch["attention_mask"] = block_causal_mask(batch["position_ids"], batch["attention_mask"],
-                                                        self.mask_dtype)
+        if self.cu_seqlens and "position_ids" in batch:
+            from fastft.ops.segments import segments_from_position_ids
+
+            batch["cu_seqlens"] = segments_from_position_ids(batch["position_ids"],
+                                                             batch["attention_mask"]).cu_seqlens()[0]
         return batch

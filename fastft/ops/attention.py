@@ -24,6 +24,13 @@ of the projections is read in place). The output is returned as a (B, Hq, T, D) 
 is free and o_proj saves the very tensor attention saved. Gradients come back in the same
 (B, T, H, D) layout as the projections produced them.
 
+Packed rows (several samples per row, or a pad tail): ``segments`` (:mod:`fastft.ops.segments`,
+built from ``cu_seqlens``, ``position_ids`` or ``segment_ids``) restricts query i to keys
+``start[b, i] .. i`` of its own sample. The kernels take the per-token (B, T) int32 ``start`` and
+``end`` (no T x T mask), skip key tiles before a query tile's first sample and query tiles after a
+key tile's last one; the CPU kernel runs each sample as its own causal problem. On CUDA the vendor
+varlen route (``torch.nn.attention.varlen``) serves it where torch has it, else fastft's kernel.
+
 Backends (one choice, :func:`causal_attention`): ``cpu`` (csrc/cpu/attention.cpp), ``triton``
 (kernels/attention.py), ``cuda`` (csrc/cuda/attention.cu); the ``torch`` fallback is PyTorch's
 own fused ``scaled_dot_product_attention`` (a T x T reference would be slow and memory-hungry
@@ -39,8 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastft import _backend
+from fastft.ops.segments import Segments, segments_from_cu_seqlens, segments_from_ids, segments_from_position_ids
 
-__all__ = ["attention_reference", "causal_attention"]
+__all__ = ["attention_reference", "causal_attention", "packed_rows_supported", "Segments"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest head dim of the GPU kernels (kernels/attention.py MAX_HEAD_DIM, csrc/cuda/attention.cu
@@ -48,12 +56,14 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GPU_MAX_HEAD_DIM = 256
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    """Causal GQA attention in fp32 maths with materialised scores: the test oracle.
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                        segments: Segments | None = None) -> Tensor:
+    """Causal GQA attention in fp32 maths with materialised scores and mask: the test oracle.
 
     Args:
         q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with Hq % Hkv == 0; one float dtype.
         scale: score multiplier (default 1/sqrt(D)).
+        segments: packed-row layout ((B, T) starts); query i sees keys start[b, i] .. i.
     Returns:
         (B, Hq, T, D) in q's dtype; differentiable in q, k, v.
     """
@@ -64,6 +74,9 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = N
     s = (q.float() @ kf.transpose(-1, -2)) * scale
     t = q.shape[2]
     mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    if segments is not None:  # (B, 1, T, T): also hide keys before the query's sample
+        j = torch.arange(t, device=q.device)
+        mask = mask | (j[None, None, :] < segments.start.to(q.device).long()[:, :, None])[:, None]
     p = s.masked_fill(mask, float("-inf")).softmax(-1)
     return (p @ vf).to(q.dtype)
 
@@ -76,6 +89,18 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _seg_args(*tables: Tensor | None) -> tuple[int, ...]:
+    """The extensions' trailing segment-table addresses: none for causal rows (so an extension
+    built before packed rows still runs them), else each table's address."""
+    return () if tables[0] is None else tuple(t.data_ptr() for t in tables)
+
+
+def _ext_takes_segments(ext) -> bool:
+    """Whether a built extension's attention takes packed rows (extensions built before issue 20
+    do not: their packed calls take the pure-PyTorch path until rebuilt)."""
+    return "seg_start" in (getattr(ext.attention_fwd, "__doc__", None) or "")
+
+
 def _bthd(b: int, t: int, h: int, d: int, like: Tensor) -> Tensor:
     """A (B, H, T, D) view of a fresh (B, T, H, D)-contiguous tensor."""
     return torch.empty(b, t, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
@@ -83,26 +108,29 @@ def _bthd(b: int, t: int, h: int, d: int, like: Tensor) -> Tensor:
 
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str,
+                segments: Segments | None = None) -> Tensor:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         out = _bthd(b, t, hq, d, q)
         lse = torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
+        start, end = (None, None) if segments is None else (segments.start, segments.end)
         if backend == "cpu":
             _backend.cpu_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
                                              _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
-                                             b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype])
+                                             b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
+                                             *_seg_args(start))
         elif backend == "triton":
             from fastft.kernels.attention import attention_fwd_triton
-            attention_fwd_triton(q, k, v, out, lse, float(scale))
+            attention_fwd_triton(q, k, v, out, lse, float(scale), start, end)
         else:
             _backend.cuda_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
                                               _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
                                               b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
-                                              torch.cuda.current_stream(q.device).cuda_stream)
+                                              torch.cuda.current_stream(q.device).cuda_stream, *_seg_args(start))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.backend = scale, backend
+        ctx.scale, ctx.backend, ctx.segments = scale, backend, segments
         return out
 
     @staticmethod
@@ -116,14 +144,17 @@ class _AttentionFn(torch.autograd.Function):
                 out.data_ptr(), _strides(out), dout.data_ptr(), _strides(dout), lse.data_ptr(),
                 dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv),
                 b, hq, hkv, t, d, float(ctx.scale), _backend.DTYPE_CODES[q.dtype])
+        seg = getattr(ctx, "segments", None)
+        start, end = (None, None) if seg is None else (seg.start, seg.end)
         if ctx.backend == "cpu":
-            _backend.cpu_ext().attention_bwd(*args)
+            _backend.cpu_ext().attention_bwd(*args, *_seg_args(start))
         elif ctx.backend == "triton":
             from fastft.kernels.attention import attention_bwd_triton
-            attention_bwd_triton(q, k, v, out, dout, lse, dq, dk, dv, float(ctx.scale))
+            attention_bwd_triton(q, k, v, out, dout, lse, dq, dk, dv, float(ctx.scale), start, end)
         else:
-            _backend.cuda_ext().attention_bwd(*args, torch.cuda.current_stream(q.device).cuda_stream)
-        return dq, dk, dv, None, None
+            _backend.cuda_ext().attention_bwd(*args, torch.cuda.current_stream(q.device).cuda_stream,
+                                              *_seg_args(start, end))
+        return dq, dk, dv, None, None, None
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -142,8 +173,105 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"causal_attention: devices q {q.device}, k {k.device}, v {v.device}: expected one")
 
 
+def packed_rows_supported(device: torch.device | str) -> bool:
+    """Whether the attention backend chosen for ``device`` runs packed rows in fastft's kernels
+    (False only for a C++/CUDA extension built before packed rows existed)."""
+    backend = _backend.choose_backend("attention", device)
+    if backend == "cpu":
+        return _ext_takes_segments(_backend.cpu_ext())
+    if backend == "cuda":
+        return _ext_takes_segments(_backend.cuda_ext())
+    return True
+
+
+def _segments_of(q: Tensor, segments, cu_seqlens, position_ids, segment_ids) -> Segments | None:
+    """The one packed-row description given (at most one), checked against q's (B, T)."""
+    given = [n for n, x in (("segments", segments), ("cu_seqlens", cu_seqlens), ("position_ids", position_ids),
+                            ("segment_ids", segment_ids)) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"causal_attention: give one of segments, cu_seqlens, position_ids, segment_ids; got {given}")
+    if not given:
+        return None
+    b, _, t, _ = q.shape
+    if cu_seqlens is not None:
+        segments = segments_from_cu_seqlens(cu_seqlens, b, t)
+    elif position_ids is not None:
+        segments = segments_from_position_ids(position_ids.expand(b, -1) if position_ids.shape[0] == 1
+                                              else position_ids)
+    elif segment_ids is not None:
+        segments = segments_from_ids(segment_ids)
+    if not isinstance(segments, Segments):
+        raise ValueError(f"causal_attention: segments is a {type(segments).__name__}, expected fastft Segments")
+    if segments.shape != (b, t):
+        raise ValueError(f"causal_attention: segments of shape {segments.shape}, expected (B, T) = ({b}, {t})")
+    return segments.to(q.device)
+
+
+def _segment_attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float, seg: Segments,
+                             chunk: int = 128) -> Tensor:
+    """The pure-PyTorch fallback for packed rows: SDPA over blocks of ``chunk`` queries, each
+    reading only the keys from its first sample's start (a (B, 1, chunk, window) mask per block,
+    never T x T); differentiable by autograd."""
+    t = q.shape[2]
+    outs = []
+    start = seg.start.long()
+    for c0 in range(0, t, chunk):
+        c1 = min(t, c0 + chunk)
+        lo = int(start[:, c0].min().item())
+        j = torch.arange(lo, c1, device=q.device)
+        i = torch.arange(c0, c1, device=q.device)
+        allowed = (j[None, None, :] <= i[None, :, None]) & (j[None, None, :] >= start[:, c0:c1, None])
+        outs.append(F.scaled_dot_product_attention(q[:, :, c0:c1], k[:, :, lo:c1], v[:, :, lo:c1],
+                                                   attn_mask=allowed[:, None], scale=scale,
+                                                   enable_gqa=k.shape[1] != q.shape[1]))
+    return torch.cat(outs, 2) if outs else q.new_empty(q.shape)
+
+
+def _varlen_route():
+    """torch's FlashAttention varlen op and how to ask it for causal GQA, or None where this
+    torch lacks it (the op arrived in torch 2.10; window_size/enable_gqa later)."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else (
+        {"is_causal": True} if "is_causal" in params else None)
+    if causal is None:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def _varlen_cuda(q: Tensor, k: Tensor, v: Tensor, scale: float, seg: Segments) -> Tensor | None:
+    """Packed rows through torch's FlashAttention varlen kernel on CUDA (fp16/bf16), or None when
+    it cannot serve the call (no such op, GQA without enable_gqa, fp32, head dim > 256)."""
+    route = _varlen_route()
+    if route is None or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 256:
+        return None
+    fn, causal, gqa = route
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if hkv != hq and not gqa:
+        return None
+    cu, longest = seg.cu_seqlens()
+    # (B, H, T, D) views of (B, T, H, D) projections flatten to varlen's (B * T, H, D) for free
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
+    extra = {"enable_gqa": True} if hkv != hq else {}
+    try:
+        o = fn(*flat, cu, cu, longest, longest, scale=scale, **causal, **extra)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. a GPU older than the kernel supports
+        _backend._warn_once("attention_varlen", f"fastft: torch varlen attention unavailable ({e}); "
+                            "packed rows use fastft's CUDA kernel")
+        return None
+    return o.view(b, t, hq, d).transpose(1, 2)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                     forced: str | None = None) -> Tensor:
+                     forced: str | None = None, *, segments: Segments | None = None,
+                     cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
+                     segment_ids: Tensor | None = None) -> Tensor:
     """Causal self-attention (see the module docstring for the maths and layouts).
 
     Args:
@@ -151,15 +279,37 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
             strides (a non-contiguous last dim is copied).
         scale: score multiplier (default 1/sqrt(D)).
         forced: backend name overriding ``FASTFT_BACKEND``.
+        segments / cu_seqlens / position_ids / segment_ids: at most one packed-row description
+            (:mod:`fastft.ops.segments`): a :class:`Segments`, (N + 1,) int cumulative lengths
+            over the B * T tokens, (B, T) positions restarting at 0 per sample, or (B, T) sample
+            ids. Query i then sees only keys of its own sample up to i.
     Returns:
         (B, Hq, T, D) in q's dtype (a view of a (B, T, Hq, D)-contiguous tensor on the kernel
         backends); differentiable in q, k, v.
     """
     _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seg = _segments_of(q, segments, cu_seqlens, position_ids, segment_ids)
     backend = _backend.choose_backend("attention", q.device, forced)
+    if seg is not None and q.is_cuda and forced is None:
+        # packed rows on CUDA: the vendor's FlashAttention varlen kernel where torch has it; else
+        # fastft's kernel even where the vendor SDPA is the default (SDPA would need a mask)
+        out = _varlen_cuda(q, k, v, scale, seg)
+        if out is not None:
+            return out
+        if backend == "torch":
+            backend = next((b for b in _backend.available_backends("attention", q.device) if b != "torch"), "torch")
+    if seg is not None and backend in ("cpu", "cuda"):
+        ext = _backend.cpu_ext() if backend == "cpu" else _backend.cuda_ext()
+        if not _ext_takes_segments(ext):
+            _backend._warn_once(f"attention_segments_{backend}",
+                                f"fastft: the built {backend} extension predates packed rows; they run the "
+                                "pure-PyTorch path until it is rebuilt (pip install -e . / setup.py build_ext)")
+            backend = "torch"
     if (backend == "torch" or q.dtype not in _KERNEL_DTYPES
             or (backend in ("triton", "cuda") and q.shape[-1] > _GPU_MAX_HEAD_DIM)):
+        if seg is not None:
+            return _segment_attention_torch(q, k, v, scale, seg)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
-    return _AttentionFn.apply(q, k, v, scale, backend)
+    return _AttentionFn.apply(q, k, v, scale, backend, seg)
