@@ -172,11 +172,19 @@ def shard(indices: list[int]) -> list[int]:
     per-rank batch b, global micro-batch i is positions [i*b*N, (i+1)*b*N) of the permutation,
     the same examples one process with batch b*N would take."""
     ws = world_size()
-    if ws == 1:
+    if ws == 1 or not indices:
         return indices
     total = -(-len(indices) // ws) * ws
-    padded = indices + indices[: total - len(indices)]
+    padded = [indices[i % len(indices)] for i in range(total)]  # cycles, even when n < ws
     return padded[rank():total:ws]
+
+
+def eval_shard(n: int) -> tuple[list[int], int]:
+    """(this rank's indices into ``n`` evaluation examples, how many of them are real): the
+    positions ``rank, rank + N, ...`` of ``range(n)`` padded by wrapping to a multiple of N, so
+    every rank runs as many batches; the real ones come first, the rest must carry no loss."""
+    mine = shard(list(range(n)))
+    return mine, len(range(rank(), n, world_size()))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -181,14 +181,25 @@ class Trainer:
         if not examples:
             return {}
         self.model.eval()
-        idx = dist.shard(list(range(len(examples))))
+        # every rank runs the same number of batches (FSDP2 gathers weights in each forward); the
+        # entries that only pad a rank's share carry no loss, so N ranks report what one does
+        idx, n_real = dist.eval_shard(len(examples))
         bs = self.t.batch_size
         starts = list(range(0, len(idx), bs))
         if self.t.eval_batches:
             starts = starts[:self.t.eval_batches]
         tot = torch.zeros(2, dtype=torch.float64)
         for s in starts:
-            b = {k: v.to(self.device) for k, v in self.collate([examples[i] for i in idx[s:s + bs]]).items()}
+            rows = [examples[i] for i in idx[s:s + bs]]
+            pad = max(0, s + len(rows) - n_real)
+            per_example = getattr(self.data, "label_names", None)  # classification: (B,) labels
+            if pad and per_example:  # counted per row: drop the pads (DDP only: no collectives here)
+                rows = rows[:len(rows) - pad]
+                if not rows:
+                    continue
+            b = {k: v.to(self.device) for k, v in self.collate(rows).items()}
+            if pad and not per_example:
+                b["labels"][len(rows) - pad:] = -100
             ls, n = self.loss_mod(**b, smoothing=False)
             tot += torch.tensor([ls.item(), n.item()], dtype=torch.float64)
         dist.all_reduce_sum(tot)

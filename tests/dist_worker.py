@@ -52,6 +52,7 @@ def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
     cfg = load_config(None, ["--model.path", tiny, "--output.dir", str(out_dir), *scenario_args(name, world)])
     model, tok, bundle, device = build(cfg)
     tr = Trainer(cfg, out_dir, model, tok, bundle, device, log=lambda s: None)
+    ev = tr.evaluate(hook=False)  # 19 validation rows: 2 ranks get 10 + 9 (+1 pad)
     recs = [tr.train_step() for _ in range(STEPS)]
     if tr.strategy == "fsdp":
         weights = dcp_ck.full_state_dict(model)
@@ -59,7 +60,7 @@ def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {"loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
-            "target_tokens": [r["target_tokens"] for r in recs], "strategy": tr.strategy,
+            "target_tokens": [r["target_tokens"] for r in recs], "strategy": tr.strategy, "eval": ev,
             "weights": {n: w for n, w in weights.items() if n in trainable}, "rank": dist.rank()}
 
 

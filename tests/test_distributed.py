@@ -110,6 +110,9 @@ def test_two_ranks_equal_one_rank_of_the_global_batch(two_ranks, one_rank, scena
     two, one = two_ranks[scenario], one_rank[scenario]
     assert two["strategy"] == scenario.split("_")[0] and one["strategy"] == "none"
     assert two["target_tokens"] == one["target_tokens"]  # the same global batches
+    # sharded evaluation: the pad row of the odd-sized validation set counts nowhere
+    assert two["eval"]["eval_tokens"] == one["eval"]["eval_tokens"]
+    assert two["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], rel=LOSS_REL)
     assert all(g > 0.3 for g in one["grad_norm"])  # clipping (max_grad_norm 0.3) is active
     for a, b in zip(two["loss"], one["loss"]):
         assert a == pytest.approx(b, rel=LOSS_REL)
