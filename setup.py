@@ -5,7 +5,7 @@
   AVX-512, AVX2 or scalar code at load time on any x86-64 CPU.
 * ``fastft._C_cuda`` - CUDA kernels (csrc/cuda/*.cu), built only when ``nvcc`` is found
   and ``FASTFT_NO_CUDA`` is not 1, for the architectures in ``FASTFT_CUDA_ARCHS``
-  (default ``80;90``).
+  (default ``80;90``; SASS for each, PTX for the highest so newer GPUs JIT-compile it).
 
 Both talk to Python through raw pointers and sizes validated on the Python side, so
 neither links against torch and the build never imports torch.
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
@@ -41,11 +41,19 @@ def _find_nvcc() -> str | None:
     return nvcc
 
 
-def _cuda_gencode() -> list[str]:
-    archs = os.environ.get("FASTFT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+def _cuda_gencode(value: str | None = None) -> list[str]:
+    """nvcc -gencode flags: SASS (``sm_XX``) for every arch of ``FASTFT_CUDA_ARCHS`` (``80;90``,
+    ``8.0,9.0`` or ``90a`` forms) plus PTX (``compute_XX``) for the highest one, so a newer GPU
+    outside the list JIT-compiles the PTX at load time instead of failing to launch."""
+    value = os.environ.get("FASTFT_CUDA_ARCHS", "80;90") if value is None else value
+    archs = [a.strip().replace(".", "") for a in value.replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
     flags = []
-    for arch in filter(None, (a.strip().replace(".", "") for a in archs)):
+    for arch in archs:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if archs:
+        top = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit()) or 0))
+        flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     return flags
 
 
@@ -69,6 +77,10 @@ class BuildExt(build_ext):
         self.compiler._compile = _compile
         super().build_extensions()
 
+
+# Compile the source files of an extension in parallel (FASTFT_BUILD_JOBS, default: every core):
+# benchmarks/gpu_check.sh builds both extensions inside its 8-minute budget.
+ParallelCompile("FASTFT_BUILD_JOBS", default=0).install()
 
 include_dirs = [os.path.join("csrc", "include")]
 ext_modules = [

@@ -1,6 +1,6 @@
 """Benchmark: packed vs unpacked training on fastft's fast path, in target tokens per second.
 
-    python benchmarks/bench_packing.py step  [--rows 4] [--seq 256] [--rounds 10] [-- fastft overrides]
+    python benchmarks/bench_packing.py step  [--rows 4] [--seq 256] [--rounds 10] [--hf] [-- fastft overrides]
     python benchmarks/bench_packing.py epoch [--rounds 1] [--batch 8] [--packed-batch 8] [-- fastft overrides]
 
 Target tokens (positions with a label) are the fair unit when padding differs: every variant below
@@ -15,7 +15,11 @@ batches, one forward+backward each per round, alternating, medians:
 * ``padded``: the same samples unpacked, right-padded to the longest (one batch of all of them);
 * ``causal``: the packed rows' tokens as plain causal rows of ``seq`` tokens (the issue's
   "unpacked causal rows x seq step"; attends across samples: timing only, its loss is not the
-  samples' loss).
+  samples' loss);
+* ``hf`` (``--hf``, LoRA mode): stock Hugging Face + PEFT on the same weights (same dtype, LoRA
+  r/alpha/targets, no dropout) fed by HF's padding-free ``DataCollatorWithFlattening`` (one row of
+  all the samples with per-sample position ids; HF's SDPA builds the packed-sequence mask from
+  them), HF's own loss.
 
 Correctness first: the packed and padded losses (sum over target tokens) must agree (bf16: to 2%,
 fp32: to 1e-4) before anything is timed. Target: packed >= 1.0x causal tokens/s (issue 20).
@@ -84,7 +88,7 @@ def _batches(examples: list[dict], rows: int, seq: int, pad_id: int) -> dict:
     padded = Collator(pad_id)(chosen)
     causal = {"input_ids": packed["input_ids"], "labels": packed["labels"],
               "attention_mask": torch.ones_like(packed["input_ids"])}
-    return {"packed": packed, "padded": padded, "causal": causal, "samples": len(chosen)}
+    return {"packed": packed, "padded": padded, "causal": causal, "samples": len(chosen), "chosen": chosen}
 
 
 def step(args, overrides: list[str]) -> str:
@@ -110,31 +114,76 @@ def step(args, overrides: list[str]) -> str:
             p.grad = None
         return time.perf_counter() - t0, loss.item(), int(n)
 
-    ref = {name: run(name) for name in ("packed", "padded", "causal")}  # warm-up and the check
+    names = ["packed", "padded", "causal"]
+    if args.hf:
+        hf_run = _hf_padding_free(cfg, b["chosen"], next(model.parameters()).dtype)
+        names.append("hf")
+    ref = {name: (hf_run() if name == "hf" else run(name)) for name in names}  # warm-up and the check
     (_, lp, n_p), (_, lu, n_u) = ref["packed"][:3], ref["padded"][:3]
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
-    if n_p != n_u or abs(lp - lu) > tol * abs(lu):
-        raise SystemExit(f"packed and padded batches disagree: loss {lp:.6f} vs {lu:.6f}, targets {n_p} vs {n_u}")
-    times: dict[str, list[float]] = {"packed": [], "padded": [], "causal": []}
+    for other, (_, lo, n_o) in [("padded", ref["padded"]), *([("hf", ref["hf"])] if args.hf else [])]:
+        if n_p != n_o or abs(lp - lo) > tol * abs(lo):
+            raise SystemExit(f"packed and {other} batches disagree: loss sums {lp:.6f} vs {lo:.6f}, "
+                             f"targets {n_p} vs {n_o}")
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        order = ("packed", "padded", "causal") if r % 2 == 0 else ("causal", "padded", "packed")
+        order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            times[name].append(run(name)[0])
+            times[name].append((hf_run() if name == "hf" else run(name))[0])
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    shapes = {k: "x".join(map(str, b[k]["input_ids"].shape)) for k in times}
-    real = {k: int(b[k]["attention_mask"].sum()) for k in times}
+    shapes = {k: "x".join(map(str, b[k]["input_ids"].shape)) for k in times if k != "hf"}
+    real = {k: int(b[k]["attention_mask"].sum()) for k in times if k != "hf"}
+    if args.hf:
+        shapes["hf"], real["hf"] = f"1x{real['packed']}", real["packed"]
     lines = [f"\n## Packed vs unpacked step ({time.strftime('%Y-%m-%d %H:%M')})\n",
              f"Command: `python benchmarks/bench_packing.py {' '.join(sys.argv[1:])}`; {_machine()}; "
              f"{b['samples']} bundled samples, {n_p} target tokens; {args.rounds} alternating rounds of one "
-             f"forward+backward each. Loss sums: packed {lp:.5f}, padded {lu:.5f}.\n",
+             f"forward+backward each. Loss sums: " + ", ".join(f"{k} {v[1]:.5f}" for k, v in ref.items()
+                                                                if k != "causal") + ".\n",
              "| batch | shape | real tokens | median s | target tokens/s | vs causal |", "|---|---|---|---|---|---|"]
     for k in times:
         lines.append(f"| {k} | {shapes[k]} | {real[k]} | {med[k]:.3f} | {n_p / med[k]:.0f} | "
                      f"{med['causal'] / med[k]:.2f}x |")
     lines.append(f"\nTarget (issue 20): packed >= 1.0x the causal step's tokens/s: "
-                 f"{med['causal'] / med['packed']:.2f}x; packed vs padded {med['padded'] / med['packed']:.2f}x.\n")
+                 f"{med['causal'] / med['packed']:.2f}x; packed vs padded {med['padded'] / med['packed']:.2f}x"
+                 + (f"; vs HF + PEFT padding-free (target >= 2x): {med['hf'] / med['packed']:.2f}x" if args.hf else "")
+                 + ".\n")
     return "\n".join(lines)
+
+
+def _hf_padding_free(cfg, chosen: list[dict], dtype):
+    """A step function for stock HF + PEFT on ``chosen`` via DataCollatorWithFlattening; returns
+    (seconds, loss sum over target tokens, target tokens)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+
+    from fastft.model_loading import materialize
+
+    if cfg.finetune.mode != "lora":
+        raise SystemExit("--hf compares LoRA steps (finetune.mode=lora)")
+    folder = materialize(cfg.model.path, cfg.model.gguf_file, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    hf = get_peft_model(hf, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                                       target_modules=list(cfg.lora.target_modules),
+                                       use_rslora=cfg.lora.use_rslora)).train()
+    batch = DataCollatorWithFlattening(return_tensors="pt")(
+        [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in chosen])
+    n = int((batch["labels"][:, 1:] != -100).sum())
+
+    def run():
+        t0 = time.perf_counter()
+        # use_cache=False matters: with a cache (config.use_cache is on by default, train mode
+        # too) transformers 5.25 skips its packed-sequence detection and the samples attend to
+        # each other (measured: loss 242.12 vs 242.64 unpacked on the tiny test model)
+        loss = hf(**batch, use_cache=False).loss
+        loss.backward()
+        for p in hf.parameters():
+            p.grad = None
+        return time.perf_counter() - t0, loss.item() * n, n
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +220,8 @@ def epoch(args, overrides: list[str]) -> str:
     lines = [f"\n## One epoch of the bundled instruction set, packed vs unpacked ({time.strftime('%Y-%m-%d %H:%M')})\n",
              f"Command: `python benchmarks/bench_packing.py {' '.join(sys.argv[1:])}`; {_machine()}; "
              f"`fastft train --train.epochs 1`, each run its own process, {args.rounds} alternating rounds.\n",
-             "| side | batch | steps | training s (median) | target tokens | target tokens/s | real tokens | held-out loss |",
+             "| side | batch | steps | training s (median) | target tokens | target tokens/s | real tokens "
+             "| held-out loss |",
              "|---|---|---|---|---|---|---|---|"]
     for p in (False, True):
         v = runs[p][-1]
@@ -193,6 +243,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="step: 10, epoch: 1")
     ap.add_argument("--batch", type=int, default=8, help="epoch: unpacked micro-batch (samples)")
     ap.add_argument("--packed-batch", type=int, default=8, help="epoch: packed micro-batch (rows)")
+    ap.add_argument("--hf", action="store_true", help="step: also time stock HF + PEFT, padding-free")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (10 if args.what == "step" else 1)

@@ -20,9 +20,10 @@ HF computed from the position ids ((B, T, D) tables).
 A projection is a frozen ``nn.Linear``, an :class:`fastft.lora.Int8Linear`, or an unmerged
 :class:`fastft.lora.LoRALinear` (its A and B are the node's differentiable inputs). Anything
 else — trainable norms or base weights (full / partial fine-tuning), Qwen3's q/k norms, an
-attention mask (packed and right-padded rows come without one, see above), a KV cache, gradient checkpointing, forward hooks (HF's output capture), a
-``torch`` backend forced for any of the ops — runs the per-op path (:func:`layer_plan` says
-which), so this is purely a speed path: the per-op path is its test oracle.
+attention mask (packed and right-padded rows come without one, see above), a KV cache, gradient
+checkpointing, forward hooks (HF's output capture), a ``torch`` backend forced for any of the ops
+— runs the per-op path (:func:`layer_plan` says which), so this is purely a speed path: the
+per-op path is its test oracle.
 
 Saved for backward (per layer, 4x256 SmolLM2 bf16): what the ops save (h, h2 and rstd for the
 norms; x1 and the r-wide LoRA activations; rotated q, k, v, the attention output and lse;

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import types
+import warnings
 import weakref
 
 import torch
@@ -70,6 +71,7 @@ _SDPA_SAVED: dict[str, object] = {}  # "previous" -> the interface's own local "
 # (``sliding_window`` is not one: HF's SDPA path ignores it, the window lives in the mask, and a
 # None mask means the window covers the sequence.)
 _ATTN_EXTRAS = ("softcap", "position_bias", "cache", "s_aux", "sinks")
+_WARNED: set[str] = set()
 
 
 class packed_segments:
@@ -195,10 +197,8 @@ def _sdpa_dispatcher(original):
         if _ATTN_ON.get():
             module._fastft_sdpa_fallbacks = module.__dict__.get("_fastft_sdpa_fallbacks", 0) + 1
         if seg is not None and attention_mask is None:  # packed rows came without a mask: build it
-            import warnings
-
-            if not _SDPA_SAVED.get("warned_packed"):
-                _SDPA_SAVED["warned_packed"] = True
+            if "packed_sdpa" not in _WARNED:
+                _WARNED.add("packed_sdpa")
                 warnings.warn("fastft: an attention call of packed rows could not use fastft's kernel "
                               "(dropout or extra arguments); it runs HF's SDPA with a block mask", RuntimeWarning,
                               stacklevel=2)

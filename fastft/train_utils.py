@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft import _backend, hf_fast
+from fastft.data.packing import block_causal_mask
+from fastft.ops.segments import segments_from_cu_seqlens, segments_from_position_ids
 from fastft.recompute import recompute_cheap
 
 
@@ -65,11 +68,11 @@ def causal_suffices(attention_mask: torch.Tensor, labels: torch.Tensor, position
     them to HF's SDPA), instead of a materialised (B, 1, T, T) mask. Exact, not approximate."""
     if attention_mask.dim() != 2 or position_ids is not None:
         return False
-    if bool(attention_mask.all()):
-        return True
     m = attention_mask
-    right_padded = bool(((m == 0) | (m == 1)).all()) and bool((m[:, 1:] <= m[:, :-1]).all())
-    return right_padded and bool((labels[m == 0] == -100).all())
+    # one device-side expression, read once: on a GPU each bool() is a host sync (there were four)
+    right_padded = ((m == 0) | (m == 1)).all() & (m[:, 1:] <= m[:, :-1]).all()
+    pads_ignored = ~((m == 0) & (labels != -100)).any()
+    return bool(m.all() | (right_padded & pads_ignored))
 
 
 def _right_padded(m: torch.Tensor) -> bool:
@@ -96,21 +99,20 @@ def attention_inputs(lm: nn.Module, attention_mask: torch.Tensor, labels: torch.
         return attention_mask, None
     if position_ids is None and bool(attention_mask.all()):
         return None, None
-    from fastft import hf_fast
-    from fastft.ops.segments import segments_from_position_ids
-
     pads_untargeted = bool((labels[attention_mask == 0] == -100).all())
+    if position_ids is None and cu_seqlens is None and causal_suffices(attention_mask, labels):
+        # right-padded rows: plain causal is exact for every target; the segments (pad tail apart)
+        # only save work in fastft's own kernels (pads stop attending the real tokens), not where
+        # the device's default attention is the vendor's SDPA
+        if _backend.choose_backend("attention", attention_mask.device) == "torch":
+            return None, None
     if _right_padded(attention_mask) and pads_untargeted and hf_fast.routes_attention(lm):
         if cu_seqlens is not None:
-            from fastft.ops.segments import segments_from_cu_seqlens
-
             return None, segments_from_cu_seqlens(cu_seqlens, *attention_mask.shape)
         pos = position_ids if position_ids is not None else torch.arange(
             attention_mask.shape[1], device=attention_mask.device)[None]  # one sample (+ pad tail) per row
         return None, segments_from_position_ids(pos.expand(attention_mask.shape[0], -1), attention_mask)
     if position_ids is not None:
-        from fastft.data.packing import block_causal_mask
-
         _warn_once_packed()
         return block_causal_mask(position_ids, attention_mask, _mask_dtype(lm)), None
     return (None if causal_suffices(attention_mask, labels) else attention_mask), None
@@ -131,7 +133,8 @@ def _warn_once_packed() -> None:
 
         warnings.warn("fastft: packed rows run with a (B, 1, T, T) block mask and HF's attention (the model's "
                       "attention is not routed through fastft: unsupported architecture, model.fused_attention "
-                      "off, attn_implementation other than sdpa, or gradient checkpointing)", RuntimeWarning, stacklevel=3)
+                      "off, attn_implementation other than sdpa, or gradient checkpointing)", RuntimeWarning,
+                      stacklevel=3)
 
 
 class CausalLMLoss(nn.Module):
@@ -156,13 +159,11 @@ class CausalLMLoss(nn.Module):
         """input_ids/labels: (B, T) int64; attention_mask (B, T) 0/1 (or a (B, 1, T, T) additive
         mask); position_ids (B, T), restarting at 0 per sample in packed rows. Returns (fp32 loss
         sum, int64 target count)."""
-        from fastft.hf_fast import packed_segments
-
         lm = unwrap(self.model)
         mask, segments = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)
         # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
         # without grad, and inside checkpointed layers, whose own hooks take over)
-        with recompute_cheap(self.recompute_cheap), packed_segments(segments):
+        with recompute_cheap(self.recompute_cheap), hf_fast.packed_segments(segments):
             out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 use_cache=False)
         h = out.last_hidden_state  # (B, T, H)

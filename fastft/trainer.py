@@ -33,6 +33,7 @@ from fastft.data import DataBundle
 from fastft.data.collate import Collator
 from fastft.errors import ConfigError
 from fastft.finetune import apply_freezing, param_groups
+from fastft.ops.fused_linear_cross_entropy import check_labels
 from fastft.train_utils import CausalLMLoss, build_optimizer, lr_factor, set_lr
 
 MetricsHook = Callable[..., dict]  # (model, tokenizer, bundle, step) -> {"name": float}
@@ -98,14 +99,15 @@ class Trainer:
         self.tb = None
 
     # ---------------------------------------------------------------- data
-    def _micro_batch(self, pos: int) -> dict[str, torch.Tensor]:
-        """Micro-batch number ``pos`` of the endless stream: epoch e uses permutation e."""
+    def _micro_batch(self, pos: int, to_device: bool = True) -> dict[str, torch.Tensor]:
+        """Micro-batch number ``pos`` of the endless stream: epoch e uses permutation e (on the
+        training device, or as collated on the CPU with ``to_device=False``)."""
         epoch, i = divmod(pos, self.micro_per_epoch)
         if self._perm[0] != epoch:  # the order depends only on (seed, epoch): resumable
             self._perm = (epoch, dist.shard(epoch_order(len(self.data.train), self.t.seed, epoch)))
         idx = self._perm[1][i * self.t.batch_size:(i + 1) * self.t.batch_size]
         batch = self.collate([self.data.train[j] for j in idx])
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()} if to_device else batch
 
     # ---------------------------------------------------------------- freezing
     def _maybe_unfreeze(self) -> None:
@@ -127,19 +129,21 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns the metrics line."""
         t0 = time.perf_counter()
         n_micro = self.t.grad_accum
-        batches = [self._micro_batch(self.micro_pos + j) for j in range(n_micro)]
+        batches = [self._micro_batch(self.micro_pos + j, to_device=False) for j in range(n_micro)]
+        # counted on the CPU copies: on a GPU each count would be a host sync per micro-batch
         counts = torch.tensor([float(_n_targets(b)) for b in batches] +
                               [float(sum(_n_tokens(b) for b in batches))], dtype=torch.float64)
+        batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
         dist.global_count(counts)  # normalise by the global batch's targets, never a rank's
         n_target, n_tokens = counts[:-1].sum().item(), counts[-1].item()
         denom = max(n_target, 1.0) / dist.world_size()  # DDP averages grads over ranks
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once per step
         self.model.train()
         for j, b in enumerate(batches):
             with dist.grad_sync(self.ddp, sync=j == n_micro - 1):
                 ls, _ = self.ddp(**b)
                 (ls * (self.loss_scale / denom)).backward()
-            loss_sum += ls.detach().double().cpu()
+            loss_sum += ls.detach().double()
         self.micro_pos += n_micro
         set_lr(self.optimizer, lr_factor(self.step, self.total_steps, self.warmup, self.t.scheduler))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -150,6 +154,7 @@ class Trainer:
         self.step += 1
         dist.all_reduce_sum(loss_sum)
         dt = time.perf_counter() - t0
+        check_labels()  # GPU: out-of-range labels raise here, where the loss is read anyway
         gn = getattr(self.optimizer, "last_grad_norm", None)
         return {"event": "train", "step": self.step, "loss": loss_sum.item() / max(n_target, 1.0), "lr": lr,
                 "grad_norm": float(gn) if gn is not None else float("nan"), "tokens": int(n_tokens),

@@ -30,7 +30,7 @@ BLOCK = 4096
 def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     # x: (n,) fp32/bf16/fp16 -> out[pid]: fp32 sum of squares of this program's block
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: offsets pass 2^31 elements on big activations (tests/test_int64_offsets.py)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     tl.store(out_ptr + pid, tl.sum(x * x, axis=0))
 
@@ -43,7 +43,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ctrl_ptr, tab_ptr
     # p: (n,) param dtype (int16 bits of a bf16 param when SPLIT); g: (n,) param dtype or fp32;
     # m, v, vmax: (n,) fp32; w: (n,) fp32 master, or int16 low half when SPLIT
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: offsets pass 2^31 elements on big activations (tests/test_int64_offsets.py)
     skip = tl.load(ctrl_ptr)
     mult = tl.load(ctrl_ptr + 1)
     neg_step = tl.load(tab_ptr)

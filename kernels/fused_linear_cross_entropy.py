@@ -37,6 +37,14 @@ def _ce_chunk_kernel(buf_ptr, stride_row, y_ptr, scale_ptr, loss_ptr, z_ptr, cor
     base = buf_ptr + row * stride_row
     y = tl.load(y_ptr + row)
     scale = tl.load(scale_ptr + row)
+    # The label's logit is read before anything of the row is overwritten: the gradient sweep
+    # below writes the row in place, and on a GPU the warps of this program would race a later
+    # read of x[y] (the barrier after the first sweep orders this read before every store). A
+    # label outside [0, V) reads nothing (the op wrapper never passes one: it checks on the
+    # device and makes such rows NaN) and gives a NaN loss.
+    y_ok = (y >= 0) & (y < V)
+    x_label = tl.load(base + tl.where(y_ok, y, 0)).to(tl.float32)
+    x_label = tl.where(y_ok, x_label, float("nan"))
     m = -float("inf")
     s = 0.0
     sz = 0.0
@@ -59,13 +67,14 @@ def _ce_chunk_kernel(buf_ptr, stride_row, y_ptr, scale_ptr, loss_ptr, z_ptr, cor
         sz += tl.sum(tl.where(mask, z, 0.0), 0)
         m = m_new
     lse = m + tl.log(s)
-    z_label = _capped(tl.load(base + y).to(tl.float32), softcap, CAP)
+    z_label = _capped(x_label, softcap, CAP)
     zt = z_loss * lse * lse
     loss = lse - (1.0 - smoothing) * z_label - smoothing / V * sz + zt
     tl.store(loss_ptr + row, loss)
     tl.store(z_ptr + row, zt)
     tl.store(correct_ptr + row, (best_idx == y).to(tl.uint8))
     if WRITE_GRAD:
+        tl.debug_barrier()  # every read of the row (x[y] included) happens before the first store
         a = scale * (1.0 + 2.0 * z_loss * lse)
         b = scale * smoothing / V
         c = scale * (1.0 - smoothing)

@@ -37,11 +37,13 @@ def _lora_mm_kernel(a_ptr, b_ptr, s_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, M, N, K,
     # a: (M, K) row-major (stride_am, 1); b: element (k, n) at k*stride_bk + n*stride_bn (int8 or
     # float); s: (N,) or (K,) fp32/bf16 scales; u: (M, K2) (stride_um, 1); v: (k2, n) at
     # k2*stride_vk + n*stride_vn; bias: (N,); c: (M, N) (stride_cm, 1)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # int64 row/column indices: rm * stride_am (M * K elements) passes 2^31 on big activations
+    # (16 x 8192 tokens x 28672 = 3.8e9); tests/test_int64_offsets.py
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    rk = tl.arange(0, BK).to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
@@ -68,7 +70,7 @@ def _lora_mm_kernel(a_ptr, b_ptr, s_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, M, N, K,
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LR:  # epilogue: the LoRA (+ outlier) low-rank product, BK2 columns of it at a time
         for j0 in range(0, K2, BK2):
-            r2 = j0 + tl.arange(0, BK2)
+            r2 = j0 + tl.arange(0, BK2).to(tl.int64)
             u = tl.load(u_ptr + rm[:, None] * stride_um + r2[None, :],
                         mask=(rm[:, None] < M) & (r2[None, :] < K2), other=0.0)
             v = tl.load(v_ptr + r2[:, None] * stride_vk + rn[None, :] * stride_vn,
@@ -85,7 +87,7 @@ def _lora_mm_kernel(a_ptr, b_ptr, s_ptr, u_ptr, v_ptr, bias_ptr, c_ptr, M, N, K,
 
 def lora_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], n: int, scale: torch.Tensor | None,
             scale_on_k: bool, u: torch.Tensor | None, v: torch.Tensor | None, v_strides: tuple[int, int],
-            bias: torch.Tensor | None) -> torch.Tensor:
+            bias: torch.Tensor | None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """C = a @ deq(b) (+ bias) + u @ v as described in the module docstring.
 
     Args:
@@ -93,6 +95,8 @@ def lora_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], n: int
             ``k*b_strides[0] + n*b_strides[1]``. n: N. scale: (N,) or (K,) when b is int8.
         u: (M, K2) contiguous in a's dtype or None; v: element (k2, n) at ``k2*v_strides[0] +
             n*v_strides[1]``. bias: (N,) or None.
+        tiles: (BM, BN, BK); default the GPU's (64, 128, 32), or 32^3 under the interpreter (fewer
+            numpy calls). Tests pass the GPU tiles to the interpreter to reach their edge cases.
     Returns:
         (M, N) in a's dtype.
     """
@@ -102,7 +106,7 @@ def lora_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], n: int
         return c
     k2 = 0 if u is None else u.shape[1]
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    BM, BN, BK = (32, 32, 32) if interp else (64, 128, 32)
+    BM, BN, BK = tiles or ((32, 32, 32) if interp else (64, 128, 32))
     BK2 = min(64, max(16, triton.next_power_of_2(max(k2, 1))))
     dummy = a
     grid = (triton.cdiv(M, BM), triton.cdiv(n, BN))

@@ -17,7 +17,7 @@ from fastft.kernels._cast import to_out
 def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, MANUAL_BF16_RNE: tl.constexpr,
                     BLOCK: tl.constexpr):
     # x, y: (rows, n) contiguous; w: (n,); rstd: (rows,) fp32
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: offsets pass 2^31 elements on big activations (tests/test_int64_offsets.py)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
@@ -33,13 +33,15 @@ def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, MANUAL_BF16_RNE: tl.c
 def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, rows, n, rows_per_prog,
                     MANUAL_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
     # dw_part: (programs, n) fp32, this program's sum over its rows of dy * round(x * rstd)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: r * n and pid * n pass 2^31 on big inputs
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid * rows_per_prog
-    for r in range(start, tl.minimum(start + rows_per_prog, rows)):
+    # r = start + i keeps r int64 (the interpreter types a range's loop variable int32)
+    for i in range(0, tl.minimum(start + rows_per_prog, rows) - start):
+        r = start + i
         x = tl.load(x_ptr + r * n + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + r * n + cols, mask=mask, other=0.0).to(tl.float32)
         rs = tl.load(rstd_ptr + r)

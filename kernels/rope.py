@@ -16,8 +16,8 @@ from fastft.kernels._cast import to_out
 def _rope_kernel(x_ptr, y_ptr, c_ptr, s_ptr, T, half, xs_b, xs_h, xs_t, ys_b, ys_h, ys_t, cs_b, cs_t,
                  BACKWARD: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
     # x, y: (B, H, T, 2*half) strided, unit stride in the last dim; cos/sin: (B|1, T, 2*half)
-    row = tl.program_id(0)
-    h = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)  # int64: b * stride and t * stride pass 2^31 on big inputs
+    h = tl.program_id(1).to(tl.int64)
     b = row // T
     t = row % T
     j = tl.arange(0, BLOCK)

@@ -16,7 +16,7 @@ BLOCK = 1024  # elements per program: 4 KiB of fp32 per stream
 @triton.jit
 def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, MANUAL_BF16_RNE: tl.constexpr, BLOCK: tl.constexpr):
     # g, u, y: (n,) one dtype
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: offsets pass 2^31 elements on big activations (tests/test_int64_offsets.py)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -28,7 +28,7 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, MANUAL_BF16_RNE: tl.constexpr, BL
 def _swiglu_bwd_kernel(g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, n, MANUAL_BF16_RNE: tl.constexpr,
                        BLOCK: tl.constexpr):
     # sigmoid recomputed from g: nothing but the inputs is saved by the forward
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: offsets pass 2^31 elements on big activations (tests/test_int64_offsets.py)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)

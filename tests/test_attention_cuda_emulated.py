@@ -174,9 +174,17 @@ def test_launcher_rejects_bad_shapes(lib):
 @pytest.mark.parametrize("layout", ["one", "ones", "cross", "tail", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_rows_match_reference(layout, dtype, emulated_cuda):
+    _packed_case((2, 4, 2, 45, 16), layout, dtype, emulated_cuda)
+
+
+def test_packed_rows_16_row_tiles(emulated_cuda):
+    """Head dim 200: the 16-row tiles (8 lanes a row), samples crossing them."""
+    _packed_case((1, 2, 1, 37, 200), "cross", torch.float32, emulated_cuda)
+
+
+def _packed_case(shape, layout, dtype, emulated_cuda):
     from test_attention_packed import LAYOUTS, check_against_reference
 
-    shape = (2, 4, 2, 45, 16)
     q, k, v, dout = _padded_inputs(shape, dtype)
     seg = LAYOUTS[layout](shape[0], shape[3])
     ours = emulated_cuda(q, k, v, dout, segments=seg)

@@ -207,10 +207,10 @@ def test_packed_rows_through_fused_layers_equal_unpacked(mode, dtype, monkeypatc
     assert _agrees(got, ref, exact) == []
     # the leaky variant: per-sample positions (RoPE) kept, but each row handed to the attention as
     # one sample (+ its pad tail), so samples see their predecessors: the same check fails
-    from fastft.ops import segments as seg_mod
+    from fastft import train_utils
 
-    real = seg_mod.segments_from_position_ids
-    monkeypatch.setattr(seg_mod, "segments_from_position_ids",
+    real = train_utils.segments_from_position_ids
+    monkeypatch.setattr(train_utils, "segments_from_position_ids",
                         lambda pos, mask=None: real(torch.arange(pos.shape[1]).expand_as(pos), mask))
     leak = _loss_and_grads(model, packed)
     assert _agrees(leak, ref, exact)  # loss or gradients miss (a random model's loss barely moves in bf16)

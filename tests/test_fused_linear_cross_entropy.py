@@ -264,3 +264,57 @@ def test_fp32_weight_with_16bit_hidden(backend, dtype, reduction):
     assert w.grad is not None and w.grad.dtype == torch.float32
     with pytest.raises(TypeError, match="dtype"):  # 16-bit weight with fp32 hidden: not a supported mix
         fused_linear_cross_entropy(h.detach().float(), w16, y, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU path (no host sync: every row through the chunks, device-side label check), run on the
+# CPU by pretending the CPU is such a device, for every backend here
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def sync_free(monkeypatch):
+    import fastft.ops.fused_linear_cross_entropy as fce
+
+    monkeypatch.setattr(fce, "_sync_free", lambda device: True)
+    monkeypatch.setattr(fce, "_BAD_LABELS", {})
+    return fce
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, reduction="sum"),
+                                  dict(reduction="none")], ids=["mean", "sum-all", "none"])
+def test_sync_free_path_matches_reference(backend, opts, sync_free):
+    """Ignored rows run with label 0 and a zero scale: loss, accuracy and every gradient as the
+    gathered path (reduction "none" with a trainable weight also runs the deferred backward)."""
+    h, w, b, y = _problem(13, 16, 203, torch.float32, bias=True, ignore_every=3)
+    out, got = _grads(fused_linear_cross_entropy, h, w, b, y, backend=backend, chunk_size=5,
+                      return_accuracy=True, **opts)
+    ref_out, ref = _ref32(h, w, b, y, return_accuracy=True, **opts)
+    _assert_fp32(got, ref)
+    assert out.accuracy.item() == pytest.approx(ref_out.accuracy.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_free_bad_labels_are_nan_and_raise_at_check(backend, sync_free):
+    h, w, b, y = _problem(6, 8, 50, torch.float32, ignore_every=0)
+    y[2], y[4] = 57, -5
+    loss = fused_linear_cross_entropy(h, w, y, backend=backend)
+    assert torch.isnan(loss)  # never silently a number
+    per = fused_linear_cross_entropy(h, w, y, backend=backend, reduction="none")
+    assert torch.isnan(per[2]) and torch.isnan(per[4]) and torch.isfinite(per[[0, 1, 3, 5]]).all()
+    gh, gw = torch.autograd.grad(fused_linear_cross_entropy(h, w, y, backend=backend), [h, w])
+    assert torch.isnan(gh[2]).all() and torch.isfinite(gh[0]).all() and torch.isnan(gw).any()
+    with pytest.raises(ValueError, match=r"outside \[0, 50\).*\(e\.g\. 57"):
+        sync_free.check_labels()
+    sync_free.check_labels()  # the flag was reset
+    y[2], y[4] = 1, -100
+    assert torch.isfinite(fused_linear_cross_entropy(h, w, y, backend=backend))
+    sync_free.check_labels()
+
+
+def test_check_labels_is_a_no_op_on_cpu_tensors():
+    import fastft.ops.fused_linear_cross_entropy as fce
+
+    h, w, b, y = _problem(6, 8, 50, torch.float32)
+    fused_linear_cross_entropy(h, w, y)
+    fce.check_labels()
+    assert torch.device("cpu") not in fce._BAD_LABELS

@@ -3,7 +3,8 @@
 // the capped logits and the first argmax, sweep 3 overwrites the logits with the gradient.
 // The logits GEMMs are cuBLAS calls made by fastft/ops/fused_linear_cross_entropy.py; the
 // per-element maths is csrc/include/fastft/cross_entropy.h (shared with the CPU build).
-// A label outside [0, V) traps (device-side check; the CPU path raises a ValueError).
+// A label outside [0, V) gives a NaN loss (fastft/ops/fused_linear_cross_entropy.py checks labels
+// on the device first and raises at the next check_labels(); the CPU path raises at once).
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -88,7 +89,12 @@ ce_chunk_kernel(typename Elem<DT>::T* __restrict__ buf, int64_t V, int64_t ld,
   const int64_t row = blockIdx.x;
   auto* x = buf + row * ld;
   const int64_t y = labels[row];
-  if (y < 0 || y >= V) __trap();
+  // The label's logit is read here, before the first barrier: sweep 3 overwrites the row in place,
+  // and a read after the last barrier raced the warp that owns x[y] (it could already hold the
+  // gradient). A label outside [0, V) reads nothing and gives a NaN loss (the op wrapper checks
+  // labels on the device and never passes one; no __trap, which would poison the CUDA context).
+  const bool y_ok = y >= 0 && y < V;
+  const float x_label = y_ok ? E::load(x, y) : __int_as_float(0x7fc00000);
   float mx = -FLT_MAX;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, E::load(x, j));
   mx = block_max(mx, shf);
@@ -106,7 +112,7 @@ ce_chunk_kernel(typename Elem<DT>::T* __restrict__ buf, int64_t V, int64_t ld,
   sz = block_sum(sz, shf);
   am = block_min(am, shi);
   const float lse = zmax + logf(s);
-  const float z_label = CAP ? fastft::ce_capped(E::load(x, y), p) : E::load(x, y);
+  const float z_label = CAP ? fastft::ce_capped(x_label, p) : x_label;
   if (threadIdx.x == 0) {
     loss[row] = fastft::ce_row_loss(lse, z_label, sz, p);
     zterm[row] = p.z_loss * lse * lse;

@@ -122,9 +122,10 @@ class PackedCollator(Collator):
     ``attention_mask`` and ``position_ids`` (restarting at 0 per sample; the pad tail counts up
     like one more sample), all (B, T) int64; with ``cu_seqlens=True`` also ``cu_seqlens``
     ((N + 1,) int32, FlashAttention's varlen convention over the B * T flattened tokens, the pad
-    tails counted as samples; fastft's loss accepts it in place of deriving it). No (B, 1, T, T) mask: a Hugging Face model given these directly must
-    not get the 2-D mask alone (it would attend across samples) — fastft's loss takes care of
-    that (``fastft.train_utils.attention_inputs``); elsewhere use :func:`block_causal_mask`.
+    tails counted as samples; fastft's loss accepts it in place of deriving it). No (B, 1, T, T)
+    mask: a Hugging Face model given these directly must not get the 2-D mask alone (it would
+    attend across samples) — fastft's loss takes care of that
+    (``fastft.train_utils.attention_inputs``); elsewhere use :func:`block_causal_mask`.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, cu_seqlens: bool = False):

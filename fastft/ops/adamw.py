@@ -212,6 +212,7 @@ def _contiguous_kernel_grads(grads: list[Tensor]) -> bool:
     return all(x.is_contiguous() and x.dtype in _KERNEL_DTYPES and not x.is_sparse for x in grads)
 
 
+@_backend.on_input_device
 def _sumsq(grads: list[Tensor], backend: str) -> Tensor:
     """Sum of squares of all gradient elements as a 0-dim fp64 tensor on the grads' device."""
     if backend == "cpu":
@@ -418,6 +419,11 @@ def _device_prep(groups, max_grad_norm, grad_scale, found_inf, sumsq_fn):
 
 
 def _step_device(groups, max_grad_norm, grad_scale, found_inf, backend) -> StepResult:
+    with _backend.device_of(groups[0].params[0]):
+        return _step_device_here(groups, max_grad_norm, grad_scale, found_inf, backend)
+
+
+def _step_device_here(groups, max_grad_norm, grad_scale, found_inf, backend) -> StepResult:
     if backend == "triton":
         from fastft.kernels.adamw import adamw_triton, sumsq_triton
         for g in groups:

@@ -108,6 +108,7 @@ def _bthd(b: int, t: int, h: int, d: int, like: Tensor) -> Tensor:
 
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
+    @_backend.on_input_device
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str,
                 segments: Segments | None = None) -> Tensor:
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -134,6 +135,7 @@ class _AttentionFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_backend.on_input_device
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         dout = _last_dim_contiguous(dout)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from fastft import _backend
 
-__all__ = ["FusedCEOutput", "FusedLinearCrossEntropyLoss", "fused_linear_cross_entropy",
+__all__ = ["FusedCEOutput", "FusedLinearCrossEntropyLoss", "check_labels", "fused_linear_cross_entropy",
            "fused_linear_cross_entropy_reference", "default_chunk_size"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -215,6 +215,7 @@ _PASSES = {"torch": _chunk_pass_torch, "cpu": _chunk_pass_cpu, "cuda": _chunk_pa
 # ----------------------------------------------------------------------------------------------
 # The chunk loop
 # ----------------------------------------------------------------------------------------------
+@_backend.on_input_device
 def _run_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, row_scale: Tensor,
                 o: _Opts, backend: str, chunk: int, need_dh: bool, need_dw: bool, need_db: bool):
     """h: (M, H) rows with a target (input dtype); y: (M,) int64; row_scale: (M,) fp32.
@@ -262,7 +263,11 @@ def _run_chunks(h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, row_s
 
 def _prepare(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
              ignore_index: int):
-    """Validates and flattens; returns (h2d, y, idx or None, n_valid tensor, N)."""
+    """Validates and flattens; returns (h2d, y, idx or None, n_valid tensor, N, row mask or None).
+
+    On the CPU ignored rows are gathered out (``idx``: the kept rows) and bad labels raise; on
+    GPUs (:func:`_sync_free`) every row stays, ``y`` holds 0 at ignored/bad rows and the row mask
+    (N,) fp32 is 1 / 0 / NaN for valid / ignored / bad rows."""
     if not isinstance(hidden, Tensor) or hidden.dim() < 1:
         raise ValueError("hidden: expected a tensor of shape (..., H)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -289,25 +294,77 @@ def _prepare(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None
         h = h.contiguous()
     y = labels.reshape(-1).to(torch.int64)
     valid = y != ignore_index
-    if y.device.type == "cpu":  # on a GPU this check would sync: out-of-range rows fail there
+    N = h.shape[0]
+    if not _sync_free(y.device):
         bad = valid & ((y < 0) | (y >= V))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"labels: value {int(y[i])} at flat position {i} is outside [0, {V}) "
                              f"and is not ignore_index={ignore_index}")
-    n_valid = valid.sum()
-    idx = None
-    if not bool(valid.all()):
-        idx = valid.nonzero().squeeze(1)
-        h = h.index_select(0, idx)
-        y = y.index_select(0, idx)
-    return h, y.contiguous(), idx, n_valid, hidden.reshape(-1, H).shape[0]
+        n_valid = valid.sum()
+        idx = None
+        if not bool(valid.all()):
+            idx = valid.nonzero().squeeze(1)
+            h = h.index_select(0, idx)
+            y = y.index_select(0, idx)
+        return h, y.contiguous(), idx, n_valid, N, None
+    # GPU: no host sync. Every row goes through the chunks; ignored rows run with label 0 and a zero
+    # scale (zero gradient, loss masked to 0), and out-of-range labels are recorded in a device
+    # flag (check_labels raises) and give NaN loss and gradient rows (FusedAdamW then skips the
+    # step). A host-side gather would need the count of valid rows (one sync per call).
+    bad = valid & ((y < 0) | (y >= V))
+    _record_bad_labels(bad, y, V, ignore_index)
+    ok = valid & ~bad
+    mask = ok.to(torch.float32).masked_fill_(bad, float("nan"))  # 1 valid, 0 ignored, NaN bad
+    return h, torch.where(ok, y, 0), None, valid.sum(), N, mask
+
+
+def _sync_free(device: torch.device) -> bool:
+    """Whether labels are checked and filtered without a host sync (every device but the CPU,
+    where reading a tensor costs nothing and ignored rows are dropped before the GEMMs)."""
+    return device.type != "cpu"
+
+
+# device -> (flag: 0-dim bool, value: 0-dim int64 of the largest-magnitude bad label, vocab)
+_BAD_LABELS: dict[torch.device, tuple[Tensor, Tensor, int, int]] = {}
+
+
+def _record_bad_labels(bad: Tensor, y: Tensor, V: int, ignore_index: int) -> None:
+    """Fold "some label is outside [0, V)" into a per-device flag: a few device ops, no sync."""
+    dev = y.device
+    if dev not in _BAD_LABELS:
+        _BAD_LABELS[dev] = (torch.zeros((), dtype=torch.bool, device=dev),
+                            torch.zeros((), dtype=torch.int64, device=dev), V, ignore_index)
+    flag, value, _, _ = _BAD_LABELS[dev]
+    if bad.numel():
+        flag.logical_or_(bad.any())
+        value.copy_(torch.maximum(value, torch.where(bad, y, 0).abs().max()))
+    _BAD_LABELS[dev] = (flag, value, V, ignore_index)
+
+
+def check_labels() -> None:
+    """Raise if any call on a GPU since the last check had a label outside [0, V) that was not
+    ``ignore_index``. Those calls returned NaN losses (and NaN gradient rows) instead of failing
+    at once, because checking there would cost a host sync per call; the trainer calls this where
+    it reads the loss anyway. One sync per device with a recorded flag; a no-op otherwise.
+
+    Raises:
+        ValueError: naming the device, the offending value (largest magnitude) and V.
+    """
+    for dev, (flag, value, V, ignore_index) in list(_BAD_LABELS.items()):
+        if bool(flag):
+            v = int(value)
+            flag.zero_()
+            value.zero_()
+            raise ValueError(f"labels: a value outside [0, {V}) that is not ignore_index={ignore_index} "
+                             f"reached fused_linear_cross_entropy on {dev} (e.g. {v}, or -{v}); its "
+                             f"loss and gradient are NaN")
 
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, opts, reduction, chunk, backend):
-        h, y, idx, n_valid, N = _prepare(hidden, weight, labels, bias, ignore_index)
+        h, y, idx, n_valid, N, row_mask = _prepare(hidden, weight, labels, bias, ignore_index)
         # fp32 weight with 16-bit hidden (fastft's fp32 tied embedding, fastft/precision.py): the
         # GEMMs run in the hidden dtype on a copy rounded once per call, as autocast would; dWeight
         # still accumulates in fp32 and is returned in fp32 (ctx.w_dtype).
@@ -322,10 +379,16 @@ class _FusedLinearCE(torch.autograd.Function):
             row_scale = s.expand(M).contiguous()
         else:
             row_scale = torch.ones(M, dtype=torch.float32, device=h.device)
+        if row_mask is not None:  # GPU: ignored rows get no gradient, bad rows a NaN one
+            row_scale = row_scale * row_mask
         chunk = chunk or default_chunk_size(M, weight.shape[0], h.dtype)
         loss_r, z_r, cor_r, dh, dw, db = _run_chunks(
             h, w_run, bias, y, row_scale, opts, backend, chunk,
             need_dh and not deferred, need_dw and not deferred, need_db and not deferred)
+        if row_mask is not None:  # ignored rows -> 0 (whatever their label-0 loss), bad rows -> NaN
+            loss_r = torch.where(row_mask == 0, 0.0, loss_r * row_mask)
+            z_r = torch.where(row_mask == 0, 0.0, z_r * row_mask)
+            cor_r = cor_r & (row_mask == 1)
         dev = h.device
         if reduction == "none":
             loss = torch.zeros(N, dtype=torch.float32, device=dev)
@@ -341,6 +404,7 @@ class _FusedLinearCE(torch.autograd.Function):
             loss, zt = loss_r.sum() / denom, z_r.sum() / denom
         acc = cor_r.sum().to(torch.float32) / n_valid.clamp_min(1).to(torch.float32)
         ctx.reduction, ctx.deferred, ctx.idx, ctx.N = reduction, deferred, idx, N
+        ctx.row_mask = row_mask if deferred else None
         ctx.hidden_shape, ctx.w_dtype = hidden.shape, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
         ctx.opts, ctx.chunk, ctx.backend = opts, chunk, backend
@@ -358,6 +422,8 @@ class _FusedLinearCE(torch.autograd.Function):
             g = g_loss.reshape(-1).float()
             if ctx.idx is not None:
                 g = g.index_select(0, ctx.idx)
+            if ctx.row_mask is not None:
+                g = g * ctx.row_mask
             _, _, _, dh, dw, db = _run_chunks(
                 h, weight, bias, y, g.contiguous(), ctx.opts, ctx.backend, ctx.chunk,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -432,7 +498,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     Returns:
         The fp32 loss (0-dim, or ``labels.shape`` for "none"), or a :class:`FusedCEOutput`.
     Raises:
-        ValueError/TypeError on bad shapes, dtypes, options or (on CPU) out-of-range labels.
+        ValueError/TypeError on bad shapes, dtypes, options or (on CPU) out-of-range labels. On a
+        GPU an out-of-range label gives a NaN loss at once and a ValueError from
+        :func:`check_labels` (no host sync in the call).
     """
     _check_options(reduction, label_smoothing, z_loss, softcap)
     if chunk_size is not None and chunk_size < 1:

@@ -26,6 +26,7 @@ dequant in the GEMM main loop, LoRA/outlier low-rank term in the epilogue), ``cu
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -102,10 +103,26 @@ class Int8Weight:
         """W[r0:r1, c0:c1] in ``dtype`` (contiguous), dequantised with torch ops in fp32."""
         w = self.qweight[r0:r1, c0:c1].float() * self.scale[r0:r1, None].float()
         if self.outlier_idx is not None and self.num_outliers:
-            sel = (self.outlier_idx >= c0) & (self.outlier_idx < c1)
-            if bool(sel.any()):
+            # the sorted indices in [c0, c1) found on a host copy: on a GPU a device-side test
+            # would cost a host sync per tile (the CUDA default path dequantises tile by tile)
+            host = self._host_outlier_idx()
+            if host is not None:
+                lo, hi = bisect.bisect_left(host, c0), bisect.bisect_left(host, c1)
+                if hi > lo:
+                    w[:, self.outlier_idx[lo:hi] - c0] = self.outlier_w[r0:r1, lo:hi].float()
+            else:  # unsorted indices (not what quantize_int8 makes): the masked form
+                sel = (self.outlier_idx >= c0) & (self.outlier_idx < c1)
                 w[:, self.outlier_idx[sel] - c0] = self.outlier_w[r0:r1][:, sel].float()
         return w.to(dtype)
+
+    def _host_outlier_idx(self) -> list[int] | None:
+        """``outlier_idx`` as a Python list when sorted (else None), copied once per index tensor."""
+        cached = self.__dict__.get("_host_idx")
+        if cached is None or cached[0] is not self.outlier_idx:
+            idx = self.outlier_idx.tolist()
+            cached = (self.outlier_idx, idx if idx == sorted(idx) else None)
+            self.__dict__["_host_idx"] = cached
+        return cached[1]
 
 
 def quantize_int8(W: Tensor, outlier_threshold: float | None = None,
@@ -243,6 +260,7 @@ def _cpu_dequant_tile(base: Int8Weight, r0, r1, c0, c1, dtype) -> Tensor:
     return out
 
 
+@_backend.on_input_device
 def _mm(backend, a, b, b_strides, n, scale, scale_on_k, u, v, v_strides, bias) -> Tensor:
     """C = a @ deq(b) (+ bias) + u @ v on the device kernels (see kernels/lora_linear.py)."""
     if backend == "triton":

@@ -73,6 +73,7 @@ def _kernel_ok(x: Tensor, weight: Tensor, backend: str) -> bool:
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
+    @_backend.on_input_device
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
         shape = x.shape
         n = shape[-1]
@@ -99,6 +100,7 @@ class _RMSNormFn(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
+    @_backend.on_input_device
     def backward(ctx, dy: Tensor):
         x2, w, rstd = ctx.saved_tensors
         rows, n = x2.shape

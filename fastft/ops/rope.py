@@ -74,6 +74,7 @@ def _bhtd(x: Tensor, unsqueeze_dim: int) -> Tensor:
     return x if unsqueeze_dim == 1 else x.transpose(1, 2)
 
 
+@_backend.on_input_device
 def _apply(x: Tensor, cs: tuple[Tensor, Tensor], backend: str, backward: bool, unsqueeze_dim: int) -> Tensor:
     """Rotate x (layout of the caller, see ``_bhtd``) into a new tensor with x's layout."""
     xv = _bhtd(x, unsqueeze_dim)

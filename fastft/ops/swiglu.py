@@ -37,6 +37,7 @@ def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
+    @_backend.on_input_device
     def forward(ctx, gate: Tensor, up: Tensor, backend: str) -> Tensor:
         g, u = gate.contiguous(), up.contiguous()
         y = torch.empty_like(g)
@@ -56,6 +57,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_backend.on_input_device
     def backward(ctx, dy: Tensor):
         g, u = ctx.saved_tensors
         dy = dy.contiguous()
