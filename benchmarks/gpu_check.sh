@@ -12,7 +12,7 @@
 #
 # Usage: bash benchmarks/gpu_check.sh [REPORT_DIR]        (default gpu_check_report/)
 # Environment: GPU_CHECK_BUDGET_S, GPU_CHECK_TESTS (test files, space-separated),
-#   GPU_CHECK_BENCH_ARGS (default "--batch 8 --seq 1024 --steps 3 --warmup 2 --rounds 1"),
+#   GPU_CHECK_BENCH_ARGS (default "--workload text --batch 8 --seq 1024 --steps 3 --warmup 2 --rounds 1"),
 #   GPU_CHECK_MODEL_CONFIG (default benchmarks/configs/llama-3.2-1b.json), FASTFT_CUDA_ARCHS
 #   (default: the GPU's own), GPU_CHECK_SKIP_INSTALL=1 (use the fastft already installed).
 set -u -o pipefail
@@ -31,7 +31,7 @@ REPORT="${1:-gpu_check_report}"
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 # the device-generic tests (the other test files exercise CPU paths only)
 TESTS="${GPU_CHECK_TESTS:-tests/test_ops_devices.py tests/test_backend_choice.py}"
-BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---batch 8 --seq 1024 --steps 3 --warmup 2 --rounds 1}"
+BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---workload text --batch 8 --seq 1024 --steps 3 --warmup 2 --rounds 1}"
 MODEL_CONFIG="${GPU_CHECK_MODEL_CONFIG:-$ROOT/benchmarks/configs/llama-3.2-1b.json}"
 PY="${PYTHON:-python}"
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || die "GPU_CHECK_BUDGET_S=$BUDGET: expected a whole number of seconds"

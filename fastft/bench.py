@@ -159,8 +159,13 @@ def check_request(device: str, hf_liger: bool) -> None:
                    "bf16 autocast either way")
 @click.option("--fastft-override", multiple=True, metavar="KEY=VALUE",
               help="extra fastft config override for the fastft side (e.g. model.fused_ce=false)")
+@click.option("--packing", is_flag=True,
+              help="packed rows instead: fastft packed vs padded vs causal vs HF + PEFT padding-free "
+                   "(DataCollatorWithFlattening) on the same bundled samples, one process, target tokens/s "
+                   "(BATCH rows of SEQ tokens); then one epoch of the bundled set packed vs unpacked "
+                   "(fastft/bench_packing.py)")
 def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup, rounds, hf_compile, hf_liger,
-          malloc, lr, seed, threads, out_dir, history, hf_base_dtype, fastft_override):
+          malloc, lr, seed, threads, out_dir, history, hf_base_dtype, fastft_override, packing):
     """Compare fastft with stock Hugging Face (Trainer + PEFT) on identical data, seeds and settings.
 
     Each side trains in its own process, ABBA-alternating for ROUNDS rounds, on each WORKLOAD;
@@ -170,6 +175,8 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
     import importlib.util
 
     check_request(device, hf_liger)
+    if packing:
+        return _bench_packing(model, mode, device, batch, seq, rounds, seed, threads, out_dir, fastft_override)
     import torch
 
     from fastft.bench_data import WORKLOAD_NAMES, build_rows
@@ -246,6 +253,33 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
             click.echo(f"{w['prefix']} {word} ({c['name']} vs fastft): {c['loss_check']['detail']}")
     if failed:
         raise SystemExit(1)
+
+
+def _bench_packing(model, mode, device, batch, seq, rounds, seed, threads, out_dir, overrides) -> None:
+    """``--packing``: fastft/bench_packing.py's step (with the HF padding-free side) and epoch
+    comparisons; prints them and writes packing.md under ``--out``."""
+    import types
+
+    from fastft.bench_packing import epoch, step
+
+    fastft_args = ["--model.path", model, "--finetune.mode", "lora" if mode == "int8" else mode,
+                   "--train.device", device, "--train.seed", str(seed), "--data.max_length", str(seq)]
+    fastft_args += (["--lora.int8_base", "true"] if mode == "int8" else [])
+    fastft_args += (["--train.threads", str(threads)] if threads else [])
+    for kv in overrides:
+        key, _, value = kv.partition("=")
+        fastft_args += [f"--{key}", value]
+    args = types.SimpleNamespace(rows=batch, seq=seq, rounds=max(rounds, 2) * 3, hf=mode != "full",
+                                 batch=8, packed_batch=8)
+    text = step(args, fastft_args)
+    click.echo(text)
+    args.rounds = rounds
+    text += "\n" + epoch(args, fastft_args)
+    click.echo(text.split("\n## ")[-1])
+    out = Path(out_dir or f"runs/bench-packing-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "packing.md").write_text(text + "\n")
+    click.echo(f"wrote {out / 'packing.md'}")
 
 
 def gemm_rates_parent(device: str) -> dict:

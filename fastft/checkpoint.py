@@ -8,6 +8,11 @@ Layout of ``<run>/checkpoints/step-000120/``:
   early-stopping state, loss scale.
 
 ``<run>/checkpoints/best`` is a text file naming the best checkpoint directory.
+
+A save killed half-way leaves a ``.step-000120.<random>`` folder (hundreds of MB for a full
+model); ``remove_debris`` deletes those (fastft's own temp names only) at resume and before
+every save. Nothing non-finite is ever written: ``save_model_files`` and ``save_checkpoint``
+check the trainable weights and the optimizer state first.
 """
 from __future__ import annotations
 
@@ -22,6 +27,51 @@ import numpy as np
 import torch
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+# temp names of tempfile.mkdtemp/mkstemp (8 random characters) used by this module, the trainer's
+# final/ save and save_config
+_DEBRIS_DIRS = re.compile(r"^\.(step-\d+|final)\.[A-Za-z0-9_]{8}$")
+_DEBRIS_FILES = re.compile(r"^\.(best|config|metrics\.jsonl)[A-Za-z0-9_]{8}$")
+
+
+def remove_debris(folder: Path) -> list[str]:
+    """Delete what interrupted saves left in a run dir or its ``checkpoints/`` (and only that);
+    returns the names removed."""
+    gone = []
+    for root in (Path(folder), Path(folder) / "checkpoints"):
+        if not root.is_dir():
+            continue
+        for p in root.iterdir():
+            if p.is_dir() and _DEBRIS_DIRS.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+            elif p.is_file() and _DEBRIS_FILES.match(p.name):
+                p.unlink(missing_ok=True)
+                gone.append(p.name)
+    return gone
+
+
+def first_non_finite(named: dict) -> str | None:
+    """Name of the first floating tensor in ``named`` (nested dicts/lists too) holding NaN or inf."""
+    stack = [("", named)]
+    while stack:
+        name, v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+                return name
+        elif isinstance(v, dict):
+            stack += [(f"{name}.{k}" if name else str(k), x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            stack += [(f"{name}[{i}]", x) for i, x in enumerate(v)]
+    return None
+
+
+def check_finite(named: dict, what: str) -> None:
+    """Raise TrainingDiverged instead of writing a NaN/inf tensor to disk."""
+    bad = first_non_finite(named)
+    if bad is not None:
+        from fastft.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"not saving {what}: {bad} holds NaN or inf")
 
 
 def rng_state() -> dict:
@@ -51,6 +101,7 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dic
     ``state_dict``: the full weights to write instead of the model's own (FSDP's gathered shards)."""
     from fastft.finetune import save_adapter
 
+    check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, str(out))
     if is_lora:
         save_adapter(model, str(out / "adapter"))
     else:
@@ -65,6 +116,8 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dic
 def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, is_lora: bool, state: dict) -> Path:
     """Write ``step-<step>`` under ``ckpt_root`` atomically and return its path."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_debris(ckpt_root.parent)
+    check_finite(state.get("optimizer", {}), f"checkpoint step {step} (optimizer state)")
     final = ckpt_root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=ckpt_root))
     try:

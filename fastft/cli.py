@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("fastft.bench", "bench"),
     "generate": ("fastft.generate", "generate"),
     "eval": ("fastft.evaluate", "eval_cmd"),
+    "plot": ("fastft.plot", "plot_cmd"),
 }
 
 
@@ -56,7 +57,7 @@ def main(argv=None):
 
     Run as the ``fastft`` command (argv None), it first re-executes itself once with malloc on
     transparent huge pages (fastft/runtime.py; ``FASTFT_HUGEPAGES=0`` turns that off)."""
-    from fastft.errors import UserError
+    from fastft.errors import TrainingDiverged, UserError
 
     if argv is None:
         from fastft.runtime import reexec_with_hugepages
@@ -74,6 +75,9 @@ def main(argv=None):
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except TrainingDiverged as e:  # not the user's input: its own exit code for scripts
+        click.echo(f"error: {e}", err=True)
+        sys.exit(3)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 

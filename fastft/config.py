@@ -142,6 +142,12 @@ class TrainConfig:
     early_stopping_mode: str = opt("min", "whether the metric should go down or up", choices=("min", "max"))
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0 = off)", min=0)
     early_stopping_min_delta: float = opt(0.0, "improvement smaller than this does not count", min=0.0)
+    load_best_at_end: bool = opt(True, "with early stopping: final/ gets the best checkpoint's weights "
+                                 "(the end-of-run evaluation counts)")
+    max_bad_steps: int = opt(5, "stop (exit code 3) after this many bad steps in a row: non-finite loss or grad "
+                             "norm (the step is skipped), a grad-norm spike, or a zero grad norm", min=1)
+    grad_norm_spike: float = opt(1000.0, "a grad norm above this many times the median of the last 20 steps "
+                                 "counts as a bad step (0 = off)", min=0.0)
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default, one per core)", min=0)
     progress: bool = opt(True, "show a progress bar")
@@ -203,10 +209,37 @@ def describe_keys() -> list[tuple[str, str, str]]:
     return rows
 
 
+# names other trainers (HF TrainingArguments, PEFT, torchtune) use for our keys: spelling
+# similarity alone sent train.learning_rate to train.early_stopping_patience
+ALIASES = {"learning_rate": "train.lr", "lr_scheduler": "train.scheduler", "lr_scheduler_type": "train.scheduler",
+           "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "steps": "train.max_steps",
+           "per_device_train_batch_size": "train.batch_size", "micro_batch_size": "train.batch_size",
+           "gradient_accumulation_steps": "train.grad_accum", "gradient_accumulation": "train.grad_accum",
+           "max_grad_norm": "train.max_grad_norm", "grad_clip": "train.max_grad_norm", "clip": "train.max_grad_norm",
+           "warmup": "train.warmup_steps", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
+           "logging_steps": "train.log_every", "save_total_limit": "train.keep_last", "rank": "lora.r",
+           "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+           "output_dir": "output.dir", "model_name_or_path": "model.path", "max_seq_length": "data.max_length",
+           "max_len": "data.max_length", "seq_len": "data.max_length", "torch_dtype": "model.dtype"}
+
+
 def _unknown(key: str) -> ConfigError:
-    tail = key.split(".")[-1]
-    near = [k for k in all_keys() if k.split(".")[-1] == tail][:1]  # right key, wrong/missing section
-    near = near or difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    """An unknown key, with the valid key it most likely means (none rather than a far one)."""
+    sec, _, tail = key.rpartition(".")
+    keys = all_keys()
+    near = [ALIASES[tail]] if tail in ALIASES else []
+    near = near or [k for k in keys if k.split(".")[-1] == tail][:1]  # right key, wrong/missing section
+    if not near and sec in SECTIONS:  # compare names within the section: "train." matched everything
+        tails = difflib.get_close_matches(tail, list(_section_fields(sec)), n=1, cutoff=0.6)
+        near = [f"{sec}.{tails[0]}"] if tails else []
+    elif not near and sec:  # misspelt section: fix it, then look for the key there
+        secs = difflib.get_close_matches(sec, SECTIONS, n=1, cutoff=0.6)
+        if secs and tail in _section_fields(secs[0]):
+            near = [f"{secs[0]}.{tail}"]
+        near = near or difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    elif not near:
+        near = difflib.get_close_matches(tail, [k.split(".")[-1] for k in keys], n=1, cutoff=0.75)
+        near = [k for k in keys if near and k.endswith("." + near[0])][:1]
     hint = f"; did you mean {near[0]!r}?" if near else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -296,7 +329,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
             key, value = key.split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"override --{key} needs a value")
             value, i = args[i + 1], i + 2
         out.append((key.replace("-", "_"), value))
@@ -322,6 +355,9 @@ def validate(cfg: Config) -> None:
     if t.max_steps and t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps}: warmup must be shorter than the run "
                           f"(train.max_steps={t.max_steps})")
+    if t.early_stopping_patience and not t.eval_every:
+        raise ConfigError(f"train.early_stopping_patience={t.early_stopping_patience} needs evaluations during "
+                          "training: set train.eval_every (e.g. 50)")
     if cfg.finetune.mode == "lora" and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules=[]: expected at least one module name")
     if cfg.lora.int8_base and cfg.finetune.mode != "lora":
@@ -337,18 +373,26 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"finetune.{key}={getattr(cfg.finetune, key)!r}: not a valid regex ({e})") from None
 
 
+def read_yaml_keys(path: str) -> dict[str, Any]:
+    """The dotted keys a YAML config file sets (unvalidated); ConfigError naming line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({what})") from None
+    return _flatten(data, path)
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- ``--section.key value`` overrides, then validated."""
     cfg = Config()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        for k, v in _flatten(data, path).items():
+        for k, v in read_yaml_keys(path).items():
             set_key(cfg, k, v)
     for k, v in parse_overrides(overrides or []):
         set_key(cfg, k, v)
@@ -371,3 +415,44 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+# What a resumed run may change: how long it runs, how often it evaluates/saves/logs, early
+# stopping, and display. Everything else (model, data, lr, batch, LoRA, ...) defines the run and
+# comes from its saved config.yaml.
+RESUME_SAFE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches", "train.save_every",
+               "train.keep_last", "train.log_every", "train.early_stopping_metric", "train.early_stopping_mode",
+               "train.early_stopping_patience", "train.early_stopping_min_delta", "train.load_best_at_end",
+               "train.max_bad_steps", "train.grad_norm_spike", "train.progress", "train.threads",
+               "output.tensorboard", "output.save_merged",
+               "output.dir", "output.overwrite")
+
+
+def given_keys(path: str | None, overrides: list[str] | None) -> dict[str, Any]:
+    """The dotted keys the user set explicitly (YAML file, then overrides), unvalidated."""
+    out = dict(read_yaml_keys(path)) if path else {}
+    out.update(parse_overrides(overrides or []))
+    return out
+
+
+def load_resume_config(run_dir: str | os.PathLike, path: str | None, overrides: list[str] | None) -> Config:
+    """The config of a resumed run: ``<run_dir>/config.yaml`` as saved, then the user's keys,
+    which may only change ``RESUME_SAFE`` keys (ConfigError naming the first other key that differs)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {saved} not found (is output.dir={str(run_dir)!r} a fastft run?)")
+    cfg = Config()
+    for k, v in read_yaml_keys(str(saved)).items():
+        set_key(cfg, k, v)
+    for k, v in given_keys(path, overrides).items():
+        sec, _, name = k.partition(".")
+        old = getattr(getattr(cfg, sec), name) if sec in SECTIONS and name in _section_fields(sec) else None
+        set_key(cfg, k, v)
+        new = getattr(getattr(cfg, sec), name)
+        if new != old and k not in RESUME_SAFE:
+            raise ConfigError(f"--resume: {k}={new!r} differs from the run's saved config.yaml ({old!r}); a resumed "
+                              "run may only change max_steps/epochs, eval/save/log cadence, early stopping and "
+                              "progress (start a new run to change it)")
+    cfg.output.dir = str(run_dir)
+    validate(cfg)
+    return cfg

@@ -11,3 +11,9 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A data file is malformed; the message names the file (and line) and the problem."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite losses/gradients for too many steps in a row, or a tensor about
+    to be saved is not finite. The CLI prints one line and exits with code 3; the last good
+    checkpoint stays as it was."""

@@ -20,11 +20,24 @@ from fastft.errors import UserError
 FORMATS = ("instruction", "chat", "prompt_completion", "text", "classification")
 
 
-def _data_cfg(fmt: str, max_length: int, columns: str, chat_template: str, train_on_inputs: bool):
+def _data_cfg(fmt: str, max_length: int, columns: str, chat_template: str, train_on_inputs: bool,
+              on_bad_line: str = "error"):
     from fastft.config import DataConfig
 
-    return DataConfig(format=fmt, max_length=max_length, train_on_inputs=train_on_inputs,
+    return DataConfig(format=fmt, max_length=max_length, train_on_inputs=train_on_inputs, on_bad_line=on_bad_line,
                       columns=[c.strip() for c in columns.split(",") if c.strip()], chat_template=chat_template)
+
+
+def _load(data: str, fmt: str, tok, cfg, names=None):
+    """``load_file`` with data errors that name eval's option, not the train config key."""
+    from fastft.data import load_file
+    from fastft.data.readers import SKIP_HINT
+    from fastft.errors import DataError
+
+    try:
+        return load_file(data, fmt, tok, cfg, names)
+    except DataError as e:
+        raise DataError(str(e).replace(SKIP_HINT, "pass --on-bad-line skip to skip bad lines")) from None
 
 
 def evaluate_lm(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
@@ -73,22 +86,24 @@ def _load_classifier_checkpoint(model_path: str, adapter: str | None):
 
 def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: str | None = None,
              adapter: str | None = None, max_length: int = 256, batch_size: int = 8, columns: str = "",
-             chat_template: str = "", train_on_inputs: bool = False, output_dir: str | None = None) -> dict:
+             chat_template: str = "", train_on_inputs: bool = False, output_dir: str | None = None,
+             on_bad_line: str = "error") -> dict:
     """Programmatic ``fastft eval``; returns the metrics dict (also written to ``output_dir``)."""
-    from fastft.data import load_file
-
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if batch_size < 1 or max_length < 8:
         raise UserError(f"--batch-size {batch_size} / --max-length {max_length}: expected >= 1 / >= 8")
     if not Path(data.rsplit("::", 1)[0] if "::" in data else data).exists():  # "<dataset dir>::<split>"
         raise UserError(f"--data {data!r}: no such file or directory")
-    cfg = _data_cfg(fmt, max_length, columns, chat_template, train_on_inputs)
+    cfg = _data_cfg(fmt, max_length, columns, chat_template, train_on_inputs, on_bad_line)
     if fmt == "classification":
         from fastft.data.classification import evaluate_classifier
 
+        from fastft.generate import resolve_trained
+
+        model_path, _, adapter = resolve_trained(model_path, None, adapter)
         model, tok, names = _load_classifier_checkpoint(model_path, adapter)
-        examples, counts = load_file(data, fmt, tok, cfg, names)
+        examples, counts = _load(data, fmt, tok, cfg, names)
         if not examples:
             raise UserError(f"--data {data!r}: no examples to evaluate")
         metrics = evaluate_classifier(model, examples, names, tok.pad_token_id or 0, batch_size, output_dir)
@@ -97,7 +112,7 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
         from fastft.generate import load_for_inference
 
         model, tok = load_for_inference(model_path, gguf_file, adapter)
-        examples, counts = load_file(data, fmt, tok, cfg)
+        examples, counts = _load(data, fmt, tok, cfg)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         metrics = evaluate_lm(model, examples, pad, batch_size)
     metrics["data"] = {k: v for k, v in counts.items() if v}
@@ -110,7 +125,7 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", default="default", show_default=True,
-              help="local HF folder (a fine-tuned classifier for --format classification), .gguf, hub id, "
+              help="fastft run dir (or its final/, a checkpoint), local HF folder (a fine-tuned classifier for --format classification), .gguf, hub id, "
                    "'default', or pkg:<package>/<dir>")
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model (a folder)")
 @click.option("--adapter", default=None, help="LoRA adapter directory (PEFT format) merged into the model")
@@ -122,11 +137,14 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
 @click.option("--chat-template", default="", help="chat format: Jinja template (text or file)")
 @click.option("--train-on-inputs", is_flag=True, help="score prompt tokens too")
 @click.option("--output-dir", default=None, help="write eval_metrics.json (and the confusion matrix) here")
+@click.option("--on-bad-line", type=click.Choice(("error", "skip")), default="error", show_default=True,
+              help="malformed JSONL line: stop, naming file:line, or skip it (counted)")
 def eval_cmd(model_path, gguf_file, adapter, data, fmt, max_length, batch_size, columns, chat_template,
-             train_on_inputs, output_dir) -> None:
-    """Evaluate a model (+ adapter) on a dataset: loss/perplexity or classification metrics."""
+             train_on_inputs, output_dir, on_bad_line) -> None:
+    """Evaluate a model (+ adapter) on a dataset: loss/perplexity or classification metrics.
+    --model may be a fastft run dir, its final/ or a checkpoint folder."""
     m = run_eval(model_path, data, fmt, gguf_file, adapter, max_length, batch_size, columns, chat_template,
-                 train_on_inputs, output_dir)
+                 train_on_inputs, output_dir, on_bad_line)
     if fmt == "classification":
         from fastft.metrics import format_metrics
 

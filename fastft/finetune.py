@@ -19,6 +19,8 @@ import re
 import torch
 from torch import nn
 
+from fastft.lora import Int8Linear
+
 HEAD_RE = re.compile(r"(^|\.)(lm_head|score|classifier)\.")
 LAYER_RE = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.block\.(\d+)\.")
 NO_DECAY_RE = re.compile(r"(bias$|norm|\.ln_|layernorm|embed|wte|wpe)", re.IGNORECASE)
@@ -123,7 +125,8 @@ def _group_of(name: str) -> str:
 
 
 def param_table(model: nn.Module) -> str:
-    """A text table of trainable vs total parameters per group (count and %), tied weights once."""
+    """A text table of trainable vs total parameters per group (count and %), tied weights once;
+    int8 base weights count as frozen parameters (as in ``trainable_parameters_line``)."""
     rows: dict[str, list[int]] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -134,6 +137,9 @@ def param_table(model: nn.Module) -> str:
         r[1] += p.numel()
         if p.requires_grad:
             r[0] += p.numel()
+    for name, m in model.named_modules():  # int8 base weights are buffers, but frozen parameters of the model
+        if isinstance(m, Int8Linear):
+            rows.setdefault(_group_of(f"{name}.weight"), [0, 0])[1] += m.qweight.numel()
 
     def key(g: str):
         return (0, int(g.split()[1])) if g.startswith("layer ") else (-1 if g == "embeddings" else 1, g)

@@ -26,10 +26,37 @@ def load_for_inference(model_path: str, gguf_file: str | None, adapter: str | No
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     from fastft.data.classification import resolve_package_path
 
+    model_path, gguf_file, adapter = resolve_trained(model_path, gguf_file, adapter)
     model, tok, _ = load_model_and_tokenizer(resolve_package_path(model_path), gguf_file, dtype=dtypes[dtype])
     if adapter:
         model = merge_adapter(model, adapter)
     return model.eval(), tok
+
+
+def resolve_trained(model_path: str, gguf_file: str | None, adapter: str | None):
+    """(model path, gguf file, adapter) for a fastft output given as ``--model``: a run dir, its
+    ``final/`` or a checkpoint folder hold ``model/`` (full fine-tuning) or ``adapter/`` (LoRA,
+    whose base model is the run's ``model.path`` in its config.yaml). Anything else is returned as is."""
+    from pathlib import Path
+
+    p = Path(model_path)
+    if not p.is_dir() or (p / "config.json").is_file() or gguf_file:
+        return model_path, gguf_file, adapter
+    if (p / "final").is_dir() and not (p / "model").is_dir() and not (p / "adapter").is_dir():
+        p = p / "final"  # the run directory itself
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model"), None, adapter
+    if not (p / "adapter" / "adapter_config.json").is_file() or adapter:
+        return model_path, gguf_file, adapter
+    for run in (p.parent, p.parent.parent):  # <run>/final, <run>/checkpoints/step-N
+        if (run / "config.yaml").is_file():
+            import yaml
+
+            m = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") or {}
+            if m.get("path"):
+                return str(m["path"]), m.get("gguf_file"), str(p / "adapter")
+    raise UserError(f"--model {model_path!r} holds a LoRA adapter, and no run config.yaml names its base model: "
+                    f"pass the base model as --model and --adapter {p / 'adapter'}")
 
 
 def merge_adapter(model, adapter: str):
@@ -38,7 +65,7 @@ def merge_adapter(model, adapter: str):
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise UserError(f"--adapter {adapter!r}: no adapter_config.json there (expected a PEFT-format "
-                        "adapter directory, e.g. <run>/adapter or a checkpoint's adapter folder)")
+                        "adapter directory, e.g. <run>/final/adapter or <run>/checkpoints/step-N/adapter)")
     import warnings
 
     from fastft.errors import ConfigError

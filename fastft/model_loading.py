@@ -196,10 +196,13 @@ def load_tokenizer(folder: str):
 
 def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = None,
                              dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
-                             dropout: float | None = None):
+                             dropout: float | None = None, int8_base: bool = False):
     """Load (model, tokenizer, folder). ``dtype`` is the dtype of every weight after loading.
 
     ``dropout`` (when not None) overrides the config's attention/hidden dropout probabilities.
+    ``int8_base``: the base linears (all but the output head) come as int8 ``Int8Linear`` layers,
+    loaded straight into int8 (fastft/int8_loading.py); when the architecture cannot be streamed
+    the model loads in ``dtype`` (said once) and ``quantize_model_int8`` does it afterwards.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -216,8 +219,19 @@ def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = 
     kwargs = {"config": config, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    model = None
+    if int8_base:
+        from fastft.int8_loading import load_int8_causal_lm
+
+        try:
+            model = load_int8_causal_lm(folder, config, dtype, attn_implementation)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            print(f"lora.int8_base: streaming into int8 failed ({type(e).__name__}: {str(e)[:120]})", end="; ")
+        if model is None:
+            print(f"lora.int8_base: loading {config.model_type} in {dtype} first, then quantising (more memory)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tok = load_tokenizer(folder)
     except (OSError, ValueError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -37,7 +37,8 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], bool, bool]:
             overwrite = True
         elif a.startswith("--"):
             overrides.append(a)
-            if "=" not in a and i + 1 < len(args):
+            # a value never starts with "--": `--train.lr --output.dir x` lacks lr's value
+            if "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--"):
                 overrides.append(args[i + 1])
                 i += 1
         elif config is None and not overrides:
@@ -46,6 +47,26 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], bool, bool]:
             raise ConfigError(f"unexpected argument {a!r}: give one CONFIG file, then --section.key value overrides")
         i += 1
     return config, overrides, resume, overwrite
+
+
+def resolve_config(config: str | None, overrides: list[str], resume: bool) -> Config:
+    """The run's config: defaults <- CONFIG <- overrides; with ``resume``, the run's saved
+    ``config.yaml`` <- the keys the user gave, which may only change what is safe to change."""
+    if not resume:
+        return load_config(config, overrides)
+    from fastft.config import given_keys, load_resume_config
+
+    run_dir = given_keys(config, overrides).get("output.dir")
+    if not run_dir:
+        raise ConfigError("--resume needs the run to continue: fastft train --output.dir RUN_DIR --resume")
+    return load_resume_config(run_dir, config, overrides)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The exact command that continues ``run_dir``: its saved config.yaml carries the settings."""
+    import shlex
+
+    return f"fastft train --output.dir {shlex.quote(str(run_dir))} --resume"
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -125,7 +146,8 @@ def build(cfg: Config, bundle=None):
     else:
         model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
                                                  attn_implementation=cfg.model.attn_implementation,
-                                                 dropout=cfg.model.dropout)
+                                                 dropout=cfg.model.dropout,
+                                                 int8_base=cfg.lora.int8_base and cfg.finetune.mode == "lora")
         if bundle is None:
             bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
     if cfg.model.fused_blocks:
@@ -190,7 +212,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
     from fastft.finetune import param_table
     from fastft.trainer import Trainer
 
-    cfg = load_config(config, overrides)
+    cfg = resolve_config(config, overrides, resume)
     if overwrite:
         cfg.output.overwrite = True
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
@@ -202,7 +224,13 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
 
         metrics_hook = make_metrics_hook(bundle, run_dir, tok.pad_token_id or 0, cfg.train.batch_size)
     trainer = Trainer(cfg, run_dir, model, tok, bundle, device, metrics_hook=metrics_hook, log=click.echo)
+    if ckpt is not None:  # loads (and checks) weights and state before anything in the run dir changes
+        trainer.resume_from(ckpt)
     if dist.is_main():  # all validation passed: now touch the disk
+        if ckpt is not None:
+            from fastft.checkpoint import remove_debris
+
+            remove_debris(run_dir)  # half-written folders of a crashed save
         if run_dir.exists() and cfg.output.overwrite and not resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +241,6 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         click.echo(f"data: {bundle.stats}; {trainer.total_steps} steps of {cfg.train.batch_size}x"
                    f"{cfg.train.grad_accum} {_rows_phrase(bundle.stats, cfg.data.max_length)}; run dir {run_dir}")
     dist.barrier()
-    if ckpt is not None:
-        trainer.resume_from(ckpt)
     try:
         summary = trainer.train()
     except ConfigError:
@@ -233,13 +259,26 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
         if summary["interrupted"]:
             click.echo(f"interrupted at step {summary['steps']}; checkpoint saved. Resume with: "
-                       f"fastft train {config or ''} --output.dir {run_dir} --resume".replace("  ", " "))
+                       f"{resume_command(run_dir)}")
         if before or after:
             fmt = lambda d: f"{d['eval_loss']:.4f} (ppl {d['eval_ppl']:.2f})" if d else "n/a"  # noqa: E731
-            click.echo(f"held-out loss before: {fmt(before)}  after: {fmt(after)}")
+            last, bs = summary.get("eval_last"), summary.get("best_step")
+            if last and after is not last:  # final/ holds the best checkpoint's weights
+                tail = f" (best, step {bs}; last, step {summary['steps']}: {fmt(last)})"
+            elif bs is not None and bs != summary["steps"]:
+                tail = f" (last; the best evaluation was step {bs}'s: {cfg.train.early_stopping_metric} {summary['best']:.4g})"
+            else:
+                tail = ""
+            click.echo(f"held-out loss before: {fmt(before)}  after: {fmt(after)}{tail}")
         if summary.get("test"):
             t = summary["test"]
             click.echo(f"test loss: {t['test_loss']:.4f} (ppl {t['test_ppl']:.2f})")
+        from fastft.plot import NO_MATPLOTLIB, write_curves
+
+        try:
+            click.echo(f"curves: {write_curves(run_dir) or NO_MATPLOTLIB}")
+        except UserError as e:  # e.g. interrupted before the first logged step
+            click.echo(f"curves: none ({e})")
         click.echo(f"run dir: {run_dir}")
     dist.cleanup()
     return summary

@@ -185,7 +185,8 @@ def build_optimizer(groups: list[dict], cfg_train, low_precision: bool) -> torch
     clean = [{**{k: v for k, v in g.items() if k != "names"}, "base_lr": g["lr"]} for g in groups]
     return FusedAdamW(clean, lr=cfg_train.lr, betas=(cfg_train.adam_beta1, cfg_train.adam_beta2),
                       eps=cfg_train.adam_eps, weight_decay=cfg_train.weight_decay,
-                      max_grad_norm=cfg_train.max_grad_norm or None, master_weights=low_precision,
+                      # inf: no clipping, but the norm is still computed and a non-finite one skips the step
+                      max_grad_norm=cfg_train.max_grad_norm or float("inf"), master_weights=low_precision,
                       master_format=cfg_train.master_format)
 
 
@@ -205,3 +206,64 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
+
+
+class LrSchedule:
+    """``lr_factor`` over ``total`` steps, plus how a resumed run continues when its length changes.
+
+    The rule when ``train.max_steps`` (or epochs) changes at a resume from step ``s0``: every step
+    already taken keeps its lr, and the lr never jumps. While the run is still warming up
+    (``s0 <= warmup``) the schedule is recomputed over the new total with the same number of warmup
+    steps (the warmup steps taken are unchanged). Later, the lr continues from the factor ``f`` of
+    the last step taken (``s0 - 1``) and decays with the same shape (linear/cosine; constant stays
+    constant) to 0 at the new total: ``factor(s) = f * shape((s - s0 + 1) / (total - s0 + 1))``.
+    So a finished cosine run extended from 10 to 20 steps continues at its small final lr instead
+    of restarting the decay (which jumped 2e-4 -> 1.5e-3 before); to re-warm, start a new run from
+    ``<run>/final``.
+    """
+
+    def __init__(self, total: int, warmup: int, kind: str):
+        self.total, self.warmup, self.kind = total, warmup, kind
+        self.anchor: tuple[int, float] | None = None  # (last step taken, its factor) of an extension
+        self.before: LrSchedule | None = None  # the schedule of the steps before the anchor
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak lr at 0-based optimizer step ``step``."""
+        if self.anchor is None:
+            return lr_factor(step, self.total, self.warmup, self.kind)
+        if step < self.anchor[0]:
+            return self.before.factor(step)
+        s, f = self.anchor
+        if self.kind == "constant":
+            return f
+        p = min(1.0, (step - s) / max(1, self.total - s))
+        return f * (1.0 - p if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * p)))
+
+    def extend(self, step: int, total: int) -> str:
+        """Continue at step ``step`` (steps taken so far) to ``total`` steps; returns the one-line
+        description of how the schedule continues."""
+        old = self.total
+        if step <= self.warmup:
+            self.total = total
+            return (f"train.max_steps {old} -> {total} at step {step}: still in warmup; the {self.kind} schedule "
+                    f"is recomputed over {total} steps (the steps taken keep their lr)")
+        last = step - 1
+        f = self.factor(last)
+        prev = LrSchedule(old, self.warmup, self.kind)
+        prev.anchor, prev.before = self.anchor, self.before
+        self.anchor, self.before, self.total = (last, f), prev, total
+        how = "stays constant" if self.kind == "constant" else f"decays ({self.kind}) to 0 at step {total}"
+        return (f"train.max_steps {old} -> {total} at step {step}: the lr continues from the last step's "
+                f"(x{f:.3g} of train.lr) and {how}; steps 1-{step} keep their lr")
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "warmup": self.warmup, "kind": self.kind, "anchor": self.anchor,
+                "before": self.before.state_dict() if self.before else None}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.total, self.warmup, self.kind = st["total"], st["warmup"], st["kind"]
+        self.anchor = tuple(st["anchor"]) if st.get("anchor") else None
+        self.before = None
+        if st.get("before"):
+            self.before = LrSchedule(1, 0, self.kind)
+            self.before.load_state_dict(st["before"])

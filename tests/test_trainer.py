@@ -263,9 +263,14 @@ CLI_ERRORS = [
     (["--lora.target_modules", "qq_proj"], "lora.target_modules=['qq_proj']: no module matched"),
     (["--train.warmup_steps", "999"], "warmup must be shorter than the run"),
     (["--model.path", "nobody/not-a-cached-model"], "not in the Hugging Face cache"),
-    (["--train.early_stopping_patience", "2", "--train.early_stopping_metric", "acuracy"],
+    (["--train.early_stopping_patience", "2", "--train.eval_every", "2", "--train.early_stopping_metric", "acuracy"],
      "train.early_stopping_metric='acuracy': the evaluation reports eval_loss, eval_ppl"),
-    (["--train.early_stopping_patience", "2", "--data.val_ratio", "0"], "nothing (no validation data)"),
+    (["--train.early_stopping_patience", "2", "--train.eval_every", "2", "--data.val_ratio", "0"],
+     "nothing (no validation data)"),
+    # patience without evaluations used to do nothing silently
+    (["--train.early_stopping_patience", "2"], "train.early_stopping_patience=2 needs evaluations during training"),
+    # the value of --train.lr is missing (it used to say "unexpected argument 'x'")
+    (["--train.lr", "--output.dir", "x"], "--train.lr needs a value"),
 ]
 
 

@@ -142,7 +142,7 @@ def _read_rows(path: str, fmt: str, data_cfg, report: Counter) -> list[dict]:
     rows = map_columns(rows, _pairs(data_cfg.columns, "data.columns"), path)
     text_fields, required = FIELDS[fmt]
     if rows:
-        require_columns(rows, required, path, fmt)
+        require_columns(rows, required, path, fmt, allow_null=data_cfg.drop_empty)
     cr = CleanReport()
     rows = clean_rows(rows, text_fields, strip=data_cfg.strip, normalise_whitespace=data_cfg.normalize_whitespace,
                       lowercase=data_cfg.lowercase, drop_empty=data_cfg.drop_empty,

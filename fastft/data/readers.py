@@ -72,9 +72,12 @@ def _read_jsonl(path: str, on_bad_line: str, report: ReadReport) -> list[dict]:
     return rows
 
 
+SKIP_HINT = "set data.on_bad_line=skip to skip bad lines"  # fastft eval swaps in its own option's name
+
+
 def _bad_line(problem: str, on_bad_line: str, report: ReadReport) -> None:
     if on_bad_line == "error":
-        raise DataError(problem + " (set data.on_bad_line=skip to skip bad lines)")
+        raise DataError(f"{problem} ({SKIP_HINT})")
     log.warning("skipping %s", problem)
     report.skipped.append(problem)
 
@@ -222,15 +225,22 @@ def _columns(rows: Iterable[dict]) -> set[str]:
     return cols
 
 
-def require_columns(rows: list[dict], required: Iterable[str], path: str, fmt: str) -> None:
-    """Check that every row has ``required`` columns.
+def require_columns(rows: list[dict], required: Iterable[str], path: str, fmt: str,
+                    allow_null: bool = False) -> None:
+    """Check that every row has ``required`` columns (with ``allow_null``, a null value passes:
+    cleaning drops such rows with ``data.drop_empty`` and counts them).
 
     Raises:
-        DataError: naming the first missing column, the row, and the columns that exist.
+        DataError: naming the first missing column, the row, and the columns that exist; or the
+            first null value, the row, and how to drop such rows.
     """
     required = list(required)
     for i, row in enumerate(rows):
-        missing = [c for c in required if c not in row or row[c] is None]
+        nulls = [c for c in required if c in row and row[c] is None]
+        if nulls and not allow_null:  # the column exists: saying it is missing sent users hunting
+            raise DataError(f"{path}: row {i}: column(s) {nulls} are null; fill them, or drop such rows with "
+                            "data.drop_empty=true")
+        missing = [c for c in required if c not in row]
         if missing:
             raise DataError(f"{path}: row {i}: format {fmt!r} needs column(s) {missing}; the data has "
                             f"columns {sorted(_columns(rows))} (map yours with data.columns)")
