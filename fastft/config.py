@@ -425,7 +425,10 @@ RESUME_SAFE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eva
                "train.early_stopping_patience", "train.early_stopping_min_delta", "train.load_best_at_end",
                "train.max_bad_steps", "train.grad_norm_spike", "train.progress", "train.threads",
                "output.tensorboard", "output.save_merged",
-               "output.dir", "output.overwrite")
+               "output.dir", "output.overwrite",
+               # a resume on another number of ranks splits the global batch anew (per-rank batch x
+               # accumulation x ranks); the data position is recomputed (fastft/dist_checkpoint.py)
+               "train.batch_size", "train.grad_accum", "train.distributed", "train.distributed_timeout")
 
 
 def given_keys(path: str | None, overrides: list[str] | None) -> dict[str, Any]:
