@@ -107,7 +107,8 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dic
     else:
         from fastft.precision import record_run_dtype
 
-        model.save_pretrained(str(out / "model"), safe_serialization=True, state_dict=state_dict)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(str(out / "model"), safe_serialization=True, **extra)
         record_run_dtype(model, out / "model")  # fp32 embeddings/norms: still a bf16 model
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / ("adapter" if is_lora else "model")))
