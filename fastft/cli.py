@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("fastft.generate", "generate"),
     "eval": ("fastft.evaluate", "eval_cmd"),
     "plot": ("fastft.plot", "plot_cmd"),
+    "search": ("fastft.search.cli", "search"),
 }
 
 

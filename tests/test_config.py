@@ -86,8 +86,19 @@ def test_help_documents_every_key():
                                   ("model", "finetune", "lora", "data", "train", "output"))
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in
-                                        (__import__("pathlib").Path(__file__).parent.parent / "examples").glob("*.yaml")))
+EXAMPLES = sorted((__import__("pathlib").Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [str(p) for p in EXAMPLES if not p.name.startswith("space_")])
 def test_example_configs_validate(path):
     cfg = load_config(path)
     assert cfg.output.dir  # examples name their run directory
+
+
+@pytest.mark.parametrize("path", [str(p) for p in EXAMPLES if p.name.startswith("space_")])
+def test_example_search_spaces_validate(path):
+    """examples/space_X.yaml is a `fastft search` space for examples/search_X.yaml."""
+    from fastft.search.space import load_space
+
+    base = load_config(path.replace("space_", "search_"))
+    assert load_space(path, base).params
