@@ -5,8 +5,10 @@ before the run directory is created, so a bad invocation leaves nothing behind.
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -119,10 +121,12 @@ def build(cfg: Config, bundle=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
-    device = resolve_device(cfg.train.device)
+    # an unsupported distributed mix fails here, before the slow model load
+    dist.check_supported(dist.resolve_strategy(cfg.train.distributed, cfg.finetune.mode), cfg)
+    device = dist.local_device(resolve_device(cfg.train.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist.init(device)
+    dist.init(device, cfg.train.distributed_timeout)
     dtype = resolve_dtype(cfg.model.dtype, device)
     if dtype == torch.float16 and device.type != "cuda":
         raise ConfigError("model.dtype=fp16: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
@@ -173,7 +177,10 @@ def build(cfg: Config, bundle=None):
 
         # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/precision.py)
         attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
-    return model.to(device), tok, bundle, device
+    model = model.to(device)
+    if dist.world_size() > 1:  # weights and LoRA init are identical on every rank; dropout is not
+        dist.seed_ranks(cfg.train.seed)
+    return model, tok, bundle, device
 
 
 def _rows_phrase(stats: dict, max_length: int) -> str:
@@ -242,6 +249,11 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
                 trainer.tb.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except Exception as e:  # a dead rank: one line, not every rank's collective traceback
+        lost = dist.lost_rank_error(e, cfg.train.distributed_timeout)
+        if lost is None:
+            raise
+        raise lost from e
     summary["run_dir"] = str(run_dir)
     if dist.is_main():
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
@@ -281,7 +293,15 @@ def train(args: tuple[str, ...]) -> None:
     key; `--resume` continues the run in output.dir; `--overwrite` replaces it. With no
     arguments: LoRA on the embedded SmolLM2-135M-Instruct with the bundled instruction data.
     """
+    from fastft.distributed import RankLost
+
     config, overrides, resume, overwrite = split_args(list(args))
-    summary = run(config, overrides, resume, overwrite)
+    try:
+        summary = run(config, overrides, resume, overwrite)
+    except RankLost as e:
+        click.echo(f"error: {e}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # leave now: tearing the process group down would wait on the dead rank
     if summary.get("interrupted"):
         raise SystemExit(130)
