@@ -96,8 +96,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model_files(model, tokenizer, out: Path, is_lora: bool) -> None:
-    """Adapter (PEFT format) for LoRA, else a full HF folder; the tokenizer next to it."""
+def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dict | None = None) -> None:
+    """Adapter (PEFT format) for LoRA, else a full HF folder; the tokenizer next to it.
+    ``state_dict``: the full weights to write instead of the model's own (FSDP's gathered shards)."""
     from fastft.finetune import save_adapter
 
     check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, str(out))
@@ -106,7 +107,8 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool) -> None:
     else:
         from fastft.precision import record_run_dtype
 
-        model.save_pretrained(str(out / "model"), safe_serialization=True)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(str(out / "model"), safe_serialization=True, **extra)
         record_run_dtype(model, out / "model")  # fp32 embeddings/norms: still a bf16 model
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / ("adapter" if is_lora else "model")))

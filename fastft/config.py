@@ -151,6 +151,12 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "CPU threads for torch (0 = torch's default, one per core)", min=0)
     progress: bool = opt(True, "show a progress bar")
+    distributed: str = opt("auto", "under torchrun: ddp (whole model per rank), fsdp (FSDP2, sharded) or none; "
+                           "auto = nothing for one process, fsdp for finetune.mode=full, else ddp",
+                           choices=("auto", "none", "ddp", "fsdp"))
+    distributed_timeout: float = opt(600.0, "seconds a collective waits for the other ranks before the job "
+                                     "fails (a dead rank ends the run instead of hanging it)",
+                                     min=0.0, min_exclusive=True)
 
 
 @dataclass
@@ -419,7 +425,10 @@ RESUME_SAFE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eva
                "train.early_stopping_patience", "train.early_stopping_min_delta", "train.load_best_at_end",
                "train.max_bad_steps", "train.grad_norm_spike", "train.progress", "train.threads",
                "output.tensorboard", "output.save_merged",
-               "output.dir", "output.overwrite")
+               "output.dir", "output.overwrite",
+               # a resume on another number of ranks splits the global batch anew (per-rank batch x
+               # accumulation x ranks); the data position is recomputed (fastft/dist_checkpoint.py)
+               "train.batch_size", "train.grad_accum", "train.distributed", "train.distributed_timeout")
 
 
 def given_keys(path: str | None, overrides: list[str] | None) -> dict[str, Any]:

@@ -113,23 +113,25 @@ def _proj_fwd(m: nn.Module, kind: str, x: Tensor):
     return y, c
 
 
-def _proj_bwd(m: nn.Module, kind: str, state, dy: Tensor, need_x: bool, grads: dict, acc: Tensor | None = None):
-    """dX (or None when not needed) for dY; LoRA weight grads go into ``grads``. With ``acc``,
-    dX is added into it in place by the GEMM (returns acc): sums of input gradients (q/k/v,
-    gate/up) need no (N, in) temporary and no separate add pass. Alone, a gate+up pair
-    (1024x1536 @ 1536x576 bf16) went from 8.9-9.6 to 8.5-8.9 ms; in the step the effect is within
-    the noise (40 paired steps: 1.008, benchmarks/README.md Step 7)."""
+def _proj_bwd(m: nn.Module, kind: str, state, dy: Tensor, need_x: bool, grads: dict):
+    """dX (or None when not needed) for dY; LoRA weight grads go into ``grads``.
+
+    Sums of input gradients (q/k/v, gate/up) are separate bf16 adds, as autograd does on the
+    per-op path, not the GEMMs' accumulate (``acc=`` of lora_backward/int8_backward): the
+    accumulate was within noise in the step (40 paired steps: 1.008, benchmarks/README.md Step 7)
+    and, on an AVX2-only EPYC, put the int8 LoRA gradients' bf16 error at 2.18x the per-op
+    path's (o_proj.lora_A, tests/test_fused_layer.py) against 1.18x with separate adds."""
     if kind == "linear":
         if not need_x:
             return None
-        return dy @ m.weight if acc is None else acc.addmm_(dy, m.weight)
+        return dy @ m.weight
     if kind == "int8":
         if not need_x:
             return None
         state.needs_input_grad = (True, False, False)
-        return int8_backward(state, dy, acc)[0]
+        return int8_backward(state, dy)[0]
     state.needs_input_grad = (need_x,) + state.needs_input_grad[1:]
-    dx, _, dA, dB = lora_backward(state, dy, acc if need_x else None)[:4]
+    dx, _, dA, dB = lora_backward(state, dy)[:4]
     grads[m.lora_A.weight] = dA
     grads[m.lora_B.weight] = dB
     return dx
@@ -261,7 +263,7 @@ class _DecoderLayerFn(torch.autograd.Function):
         dact = _proj_bwd(P[6], K[6], st[6], dy, True, grads)
         dg, du = _SwiGLUFn.backward(c_sw, dact)[:2]
         dx2 = _proj_bwd(P[4], K[4], st[4], dg, True, grads)
-        _proj_bwd(P[5], K[5], st[5], du, True, grads, acc=dx2)
+        dx2 = dx2.add_(_proj_bwd(P[5], K[5], st[5], du, True, grads))
         dh2 = _RMSNormFn.backward(c_n2, dx2)[0].add_(dy)
         do = _proj_bwd(P[3], K[3], st[3], dh2, True, grads)
         dq, dk, dv = _AttentionFn.backward(c_att, do.view(B, T, hq, d).transpose(1, 2))[:3]
@@ -269,7 +271,8 @@ class _DecoderLayerFn(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         dx1 = None
         for m, kind, s, g in zip(P[:3], K[:3], st[:3], (dq, dk, dv.transpose(1, 2))):
-            dx1 = _proj_bwd(m, kind, s, g.reshape(B * T, -1), need_h, grads, acc=dx1)
+            dx = _proj_bwd(m, kind, s, g.reshape(B * T, -1), need_h, grads)
+            dx1 = dx if dx1 is None or dx is None else dx1.add_(dx)
         dh = None
         if need_h:
             dh = _RMSNormFn.backward(c_n1, dx1)[0].add_(dh2).view(B, T, H)

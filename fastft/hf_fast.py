@@ -269,6 +269,22 @@ def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+def _stop_hub_kernels(model: nn.Module) -> None:
+    """Turn off transformers' hub-kernel layer (``use_kernels``) on every PreTrainedModel in
+    ``model``, before patching.
+
+    Why: with the ``kernels`` package installed, transformers 5 loads models with
+    ``use_kernels=True`` by default, and every ``train()``/``eval()`` that changes the mode
+    re-runs ``kernelize``, which resets the forward of each ``use_kernel_forward_from_hub`` module
+    (the RMSNorms) and silently drops the patch below: the trainer's first ``train()`` sent every
+    RMSNorm back to HF's eager code (no fused kernel, no recompute registration). Switching it
+    off runs the torch fallbacks once (``reset_kernels``), so it must come before patching; the
+    patched blocks use fastft's kernels instead of the hub's anyway."""
+    for m in model.modules():
+        if getattr(m, "_use_kernels", False) and hasattr(type(m), "use_kernels"):
+            m.use_kernels = False
+
+
 # ------------------------------------------------------------------------------------------------
 def patch_blocks(model: nn.Module, attention: bool = True, layers: bool = True) -> dict[str, int]:
     """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops,
@@ -284,6 +300,7 @@ def patch_blocks(model: nn.Module, attention: bool = True, layers: bool = True) 
     mt = _model_type(model)
     if mt not in SUPPORTED_MODEL_TYPES:
         return counts
+    _stop_hub_kernels(model)
     mod = _modeling(mt)
     prefix = _PREFIX[mt]
     norm_cls = getattr(mod, f"{prefix}RMSNorm")

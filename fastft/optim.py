@@ -24,14 +24,34 @@ import torch
 from torch import Tensor
 
 from fastft.errors import ConfigError, UserError
-from fastft.ops.adamw import (AdamWGroup, _state_ptrs, fused_adamw, split_master_decode,
+from fastft.ops.adamw import (AdamWGroup, _state_ptrs, fused_adamw, grad_sumsq, split_master_decode,
                               split_master_encode)
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor, Shard = (), ()
 
 __all__ = ["FusedAdamW"]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MASTER_FORMATS = ("split", "fp32")
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    """This rank's shard of a DTensor (a fixed view into FSDP2's sharded storage: no copy, no
+    new DTensor per step); any other tensor as it is."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def reduce_sumsq(sumsq: Tensor, p: Tensor) -> Tensor:
+    """Sum a rank's squared gradient norm over the ranks that shard ``p`` (in place). Module
+    level so that a test can replace it with the identity (per-rank clipping) and see it fail."""
+    import torch.distributed as dist
+
+    dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=p.device_mesh.get_group())
+    return sumsq
 
 
 def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, where: str = "FusedAdamW") -> None:
@@ -84,6 +104,14 @@ class FusedAdamW(torch.optim.Optimizer):
             (the stored low half stays, so the master moves with it), while an fp32 master
             ignores it and overwrites the param at the next step.
         backend: force ``triton|cuda|cpu|torch`` (default: ``FASTFT_BACKEND`` or auto).
+
+    Sharded parameters (FSDP2 DTensors, ``Shard`` placements): the state tensors are DTensors
+    laid out like their parameter (so ``torch.distributed.checkpoint`` saves and reshards them),
+    and every step runs the fused kernels on the local shards. Clipping then uses the global
+    norm: the squared norms of the local shards are summed over the ranks first (one
+    all-reduce of a scalar), never a per-rank norm. Sharded 16-bit parameters with master
+    weights are refused (UserError): keep the shards in fp32, their own masters, and let FSDP2's
+    ``MixedPrecisionPolicy`` gather 16-bit copies for compute (fastft's trainer does).
 
     Attributes:
         last_grad_norm (Tensor | None): 0-dim fp32 pre-clip global norm of the last step's grads
@@ -243,6 +271,12 @@ class FusedAdamW(torch.optim.Optimizer):
         split master sets the bf16 param to the master's high half."""
         want = group["master_weights"] and p.dtype != torch.float32
         split = want and p.dtype == torch.bfloat16 and group["master_format"] == "split"
+        if isinstance(p, DTensor) and want:
+            # FSDP2 keeps sharded weights in fp32 and gathers 16-bit copies (MixedPrecisionPolicy):
+            # those fp32 shards are their own masters (fastft.distributed does this)
+            raise UserError(f"FusedAdamW: {where} is a sharded {p.dtype} parameter; master weights of "
+                            "sharded 16-bit parameters are not supported: keep the shards in fp32 and let "
+                            "FSDP2's MixedPrecisionPolicy(param_dtype=...) gather 16-bit copies")
         init = p.__dict__.pop("_fastft_master_init", None)
         if init is not None and (init.shape != p.shape or init.dtype != torch.float32):
             init = None
@@ -310,7 +344,7 @@ class FusedAdamW(torch.optim.Optimizer):
                                     "use torch.optim.SparseAdam for sparse gradients")
                 if p.dtype not in _PARAM_DTYPES:
                     raise UserError(f"FusedAdamW: {where} has dtype {p.dtype}; expected fp32, bf16 or fp16")
-                if not p.is_contiguous():
+                if not _local(p).is_contiguous():
                     raise UserError(f"FusedAdamW: {where} is not contiguous (strides {p.stride()}); "
                                     "the fused kernels need contiguous parameters")
                 if device is None:
@@ -321,19 +355,26 @@ class FusedAdamW(torch.optim.Optimizer):
                 if grad.shape != p.shape or grad.device != p.device:
                     raise UserError(f"FusedAdamW: {where}: gradient has shape {tuple(grad.shape)} on "
                                     f"{grad.device}, expected {tuple(p.shape)} on {p.device}")
+                if isinstance(p, DTensor) != isinstance(grad, DTensor) or (
+                        isinstance(p, DTensor) and not all(isinstance(pl, Shard) for pl in p.placements)):
+                    raise UserError(f"FusedAdamW: {where}: only dim-sharded DTensor parameters with "
+                                    "DTensor gradients (FSDP2) are supported")
+                grad = _local(grad)
                 if grad.dtype not in (p.dtype, torch.float32):
                     grad = grad.to(p.dtype)
                 if not grad.is_contiguous():
                     grad = grad.contiguous()  # read-only use: a contiguous copy is exact
                 st = self._state_for(p, group, gi, pi)
-                params.append(p)
+                params.append(_local(p))
                 grads.append(grad)
-                m.append(st["exp_avg"])
-                v.append(st["exp_avg_sq"])
+                m.append(_local(st["exp_avg"]))
+                v.append(_local(st["exp_avg_sq"]))
                 if group["amsgrad"]:
-                    vmax.append(st["max_exp_avg_sq"])
-                masters.append(st["master_lo"] if "master_lo" in st else st.get("master_param"))
+                    vmax.append(_local(st["max_exp_avg_sq"]))
+                masters.append(_local(st["master_lo"] if "master_lo" in st else st.get("master_param")))
                 steps.append(st["step"])
+                if isinstance(p, DTensor):
+                    self._sharded = p
             beta1, beta2 = group["betas"]
             ag = AdamWGroup(params, grads, m, v, vmax, masters, steps, group["lr"], float(beta1),
                             float(beta2), float(group["eps"]), float(group["weight_decay"]),
@@ -349,6 +390,29 @@ class FusedAdamW(torch.optim.Optimizer):
             groups.append(ag)
         return groups
 
+    def _sharded_step(self, groups: list[AdamWGroup], grad_scale: Tensor | None,
+                      found_inf: Tensor | None):
+        """Clip to the global norm of sharded grads, then one fused step without clipping.
+
+        The fused kernels see only this rank's shards, so the norm is computed first (one pass
+        over the local grads) and summed over the ranks; the clip coefficient
+        ``c = min(max_norm / (norm + 1e-6), 1) / grad_scale`` then enters the fused step as its
+        gradient multiplier (``grad_scale = 1 / c``), which is the same update the in-kernel
+        clip makes. A non-finite global norm skips the step on every rank alike."""
+        local = [g for ag in groups for g in ag.grads]
+        dev = local[0].device
+        sumsq = grad_sumsq(local, self.backend).to(dev)
+        sumsq = reduce_sumsq(sumsq, self._sharded)
+        inv = 1.0 / grad_scale.to(dev, torch.float64) if grad_scale is not None else 1.0
+        norm = sumsq.sqrt() * inv
+        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0) * inv
+        skip = ~torch.isfinite(norm)
+        if found_inf is not None:
+            skip = skip | (found_inf.to(dev) != 0)
+        result = fused_adamw(groups, None, 1.0 / coef, skip.float(), self.backend)
+        result.norm = norm.float()
+        return result
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One clip (if ``max_grad_norm``) + AdamW step over all parameters with a gradient."""
@@ -356,14 +420,18 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sharded = None
         groups = self._collect()
         devices = {g.params[0].device for g in groups if g.params}
         if len(devices) > 1:
             # the global clip norm, the skip decision and GradScaler's found_inf couple devices
             raise UserError(f"FusedAdamW: parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
                             "use one FusedAdamW per device")
-        result = fused_adamw(groups, self.max_grad_norm, getattr(self, "grad_scale", None),
-                             getattr(self, "found_inf", None), self.backend)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self._sharded is not None and self.max_grad_norm is not None:
+            result = self._sharded_step(groups, grad_scale, found_inf)
+        else:
+            result = fused_adamw(groups, self.max_grad_norm, grad_scale, found_inf, self.backend)
         self.last_grad_norm = result.norm
         skipped = result.skipped.to(torch.int64)
         self._skipped = skipped if self._skipped is None else self._skipped + skipped.to(self._skipped.device)

@@ -5,7 +5,9 @@ before the run directory is created, so a bad invocation leaves nothing behind.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -156,6 +158,11 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
                 trainer.tb.close()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except Exception as e:  # a dead rank: one line, not every rank's collective traceback
+        lost = dist.lost_rank_error(e, cfg.train.distributed_timeout)
+        if lost is None:
+            raise
+        raise lost from e
     summary["run_dir"] = str(run_dir)
     if dist.is_main():
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
@@ -195,7 +202,15 @@ def train(args: tuple[str, ...]) -> None:
     key; `--resume` continues the run in output.dir; `--overwrite` replaces it. With no
     arguments: LoRA on the embedded SmolLM2-135M-Instruct with the bundled instruction data.
     """
+    from fastft.distributed import RankLost
+
     config, overrides, resume, overwrite = split_args(list(args))
-    summary = run(config, overrides, resume, overwrite)
+    try:
+        summary = run(config, overrides, resume, overwrite)
+    except RankLost as e:
+        click.echo(f"error: {e}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # leave now: tearing the process group down would wait on the dead rank
     if summary.get("interrupted"):
         raise SystemExit(130)

@@ -28,7 +28,6 @@ summary's ``eval_after`` is the best's evaluation (``eval_last`` the last one's)
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import resource
@@ -40,6 +39,7 @@ from typing import Callable
 import torch
 
 from fastft import checkpoint as ck
+from fastft import dist_checkpoint as dcp_ck
 from fastft import distributed as dist
 from fastft.data import DataBundle
 from fastft.data.collate import Collator
@@ -85,9 +85,8 @@ class Trainer:
         self.fp16 = torch.float16 in dtypes
         self.loss_scale, self.good_steps = (2.0 ** 16 if self.fp16 else 1.0), 0
         self.unfrozen = False
-        if dist.world_size() > 1 and cfg.finetune.unfreeze_after_steps:
-            # DDP fixes its set of synchronised parameters when it wraps the model
-            raise ConfigError("finetune.unfreeze_after_steps is not supported with several processes (torchrun)")
+        self.strategy = dist.resolve_strategy(self.t.distributed, cfg.finetune.mode, dist.world_size())
+        dist.check_supported(self.strategy, cfg)
         if getattr(data, "label_names", None):  # sequence classification: (B,) labels
             from fastft.data.classification import ClassificationLoss
 
@@ -95,7 +94,16 @@ class Trainer:
         else:
             self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce,
                                          cfg.model.recompute_cheap)
-        self.ddp = dist.wrap(self.loss_mod, device)
+        # DDP around the loss module, or FSDP2 sharding it in place (fastft/distributed.py);
+        # before the optimizer, which must see FSDP2's sharded parameters
+        self.ddp = dist.wrap(self.loss_mod, self.strategy, device, self.log)
+        if self.strategy != "none":
+            self.log(f"distributed: {self.strategy} on {dist.world_size()} ranks; global batch "
+                     f"{self.t.batch_size} x {self.t.grad_accum} accumulation x {dist.world_size()} ranks = "
+                     f"{self.t.batch_size * self.t.grad_accum * dist.world_size()} sequences")
+        if self.strategy == "fsdp" and self.metrics_hook is not None:
+            self.log("train.distributed=fsdp: per-task evaluation metrics are off (they need the whole model)")
+            self.metrics_hook = None
         self.optimizer = build_optimizer(param_groups(model, cfg.finetune, self.t.lr, self.t.weight_decay),
                                          self.t, self.low_precision)
         self.step, self.micro_pos = 0, 0
@@ -143,15 +151,13 @@ class Trainer:
         counts = torch.tensor([float(_n_targets(b)) for b in batches] +
                               [float(sum(_n_tokens(b) for b in batches))], dtype=torch.float64)
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
-        dist.all_reduce_sum(counts)
+        dist.global_count(counts)  # normalise by the global batch's targets, never a rank's
         n_target, n_tokens = counts[:-1].sum().item(), counts[-1].item()
         denom = max(n_target, 1.0) / dist.world_size()  # DDP averages grads over ranks
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read once per step
         self.model.train()
         for j, b in enumerate(batches):
-            sync = j == n_micro - 1 or not hasattr(self.ddp, "no_sync")
-            ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
+            with dist.grad_sync(self.ddp, sync=j == n_micro - 1):
                 ls, _ = self.ddp(**b)
                 (ls * (self.loss_scale / denom)).backward()
             loss_sum += ls.detach().double()
@@ -184,7 +190,8 @@ class Trainer:
     def _unscale_and_check(self) -> bool:
         """fp16 dynamic loss scaling: unscale grads; on inf/nan skip the step and halve the scale,
         after 2000 good steps double it."""
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [dist.to_local(p.grad) for g in self.optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
         torch._foreach_mul_(grads, 1.0 / self.loss_scale)
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         finite = dist.all_reduce_sum(finite.float().reshape(1)).item() == dist.world_size()
@@ -206,7 +213,8 @@ class Trainer:
             return {}
         self.model.eval()
         out = lm_eval(self.loss_mod, examples, self.collate, self.device, self.t.batch_size,
-                      self.t.eval_batches, shard=True)  # fastft/train/evaluation.py: the one loop
+                      self.t.eval_batches, shard=True,  # fastft/train/evaluation.py: the one loop
+                      per_example=bool(getattr(self.data, "label_names", None)))
         if hook and self.metrics_hook is not None:
             out.update(self.metrics_hook(self.model, self.tokenizer, self.data, self.step))
         self.model.train()
@@ -218,22 +226,31 @@ class Trainer:
                 "rng": rng, "best": self.best, "bad_evals": self.bad_evals, "loss_scale": self.loss_scale,
                 "good_steps": self.good_steps, "unfrozen": self.unfrozen, "total_steps": self.total_steps,
                 "schedule": self.schedule.state_dict(), "best_step": self.best_step,
-                "best_metrics": self.best_metrics, "bad_steps_total": self.bad_steps_total}
+                "best_metrics": self.best_metrics, "bad_steps_total": self.bad_steps_total,
+                "batch_size": self.t.batch_size, "micro_per_epoch": self.micro_per_epoch}
 
     def resume_from(self, ckpt: Path) -> None:
         """Restore weights, optimizer, counters and RNG from a checkpoint directory."""
-        st = ck.load_state(ckpt)
-        ck.load_model_files(self.model, ckpt, self.is_lora)
-        self.step, self.micro_pos = st["step"], st["micro_pos"]
-        if st.get("unfrozen"):
-            self._maybe_unfreeze()
-        self.optimizer.load_state_dict(st["optimizer"])
+        if dist.world_size() > 1 or dcp_ck.is_dcp(ckpt):  # DCP, resharded to this world size
+            st = dcp_ck.load(ckpt, self.model, self.optimizer, self.is_lora)
+            self.step = st["step"]
+            self.micro_pos = dcp_ck.micro_pos_for(st, self.micro_per_epoch, self.t.batch_size)
+        else:
+            st = ck.load_state(ckpt)
+            ck.load_model_files(self.model, ckpt, self.is_lora)
+            self.step, self.micro_pos = st["step"], st["micro_pos"]
+            if st.get("unfrozen"):
+                self._maybe_unfreeze()
+            self.optimizer.load_state_dict(st["optimizer"])
         self.best, self.bad_evals = st["best"], st["bad_evals"]
         self.best_step, self.best_metrics = st.get("best_step"), st.get("best_metrics") or {}
         self.bad_steps_total = st.get("bad_steps_total", 0)
         self.loss_scale, self.good_steps = st["loss_scale"], st["good_steps"]
         self._resume_schedule(st)
-        ck.set_rng_state(st["rng"])
+        if st["rng"] is not None:
+            ck.set_rng_state(st["rng"])
+        else:  # this rank did not exist in the run that saved: a fresh, rank- and step-specific seed
+            torch.manual_seed(self.t.seed + 1_000_003 * dist.rank() + self.step)
         if dist.is_main():
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.log(f"resumed from {ckpt} at step {self.step}")
@@ -252,10 +269,15 @@ class Trainer:
             self.log(self.schedule.extend(self.step, self.total_steps))
 
     def _save(self, rng: dict, best: bool = False) -> None:
+        root = self.run_dir / "checkpoints"
+        if dist.world_size() > 1:  # collective: every rank writes its DCP shards and its RNG
+            st = {k: v for k, v in self.state_dict(rng).items() if k != "optimizer"}
+            path = dcp_ck.save(root, self.step, self.model, self.optimizer, self.tokenizer, self.is_lora, st)
+        elif dist.is_main():
+            path = ck.save_checkpoint(root, self.step, self.model, self.tokenizer, self.is_lora,
+                                      self.state_dict(rng))
         if not dist.is_main():
             return
-        root = self.run_dir / "checkpoints"
-        path = ck.save_checkpoint(root, self.step, self.model, self.tokenizer, self.is_lora, self.state_dict(rng))
         if best:
             ck.mark_best(root, path)
         ck.prune(root, self.t.keep_last)
@@ -334,6 +356,7 @@ class Trainer:
                     is_best = bool(improved) and (self.t.early_stopping_patience > 0 or self.t.save_every > 0)
                     if self.t.early_stopping_patience and self.bad_evals >= self.t.early_stopping_patience:
                         stopped = True
+                self._stop_requested = dist.any_rank(self._stop_requested)  # every rank stops together
                 # a step judged bad is never checkpointed: the newest checkpoint stays a good one
                 periodic = self.t.save_every and self.step % self.t.save_every == 0 and not self.bad_steps
                 if periodic or is_best or self._stop_requested or stopped:
@@ -432,15 +455,19 @@ class Trainer:
         self.log(f"\n{name}: finishing this step, saving a checkpoint, then exiting (Ctrl-C again to abort)")
 
     def _final_save(self) -> None:
-        """``<run>/final``: adapter (PEFT) or HF model + tokenizer; ``<run>/merged`` on request."""
+        """``<run>/final``: adapter (PEFT) or HF model + tokenizer; ``<run>/merged`` on request.
+        Under FSDP every rank first sends its shards to rank 0 (the same plain HF files as one
+        process writes)."""
+        full = dcp_ck.full_state_dict(self.model) if self.strategy == "fsdp" else None
         if not dist.is_main():
+            dist.barrier()
             return
         import shutil
         import tempfile
 
         out = self.run_dir / "final"
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
-        ck.save_model_files(self.model, self.tokenizer, tmp, self.is_lora)
+        ck.save_model_files(self.model, self.tokenizer, tmp, self.is_lora, state_dict=full)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -448,6 +475,7 @@ class Trainer:
             from fastft.merge import save_merged
 
             save_merged(self.model, self.tokenizer, self.run_dir / "merged")
+        dist.barrier()
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -193,3 +193,20 @@ def test_fused_attention_can_be_turned_off(monkeypatch):
         assert calls.calls["causal_attention"] == 0 and calls.calls["rope"] == 2
     finally:
         hf_fast.unpatch_blocks(m)
+
+
+def test_patch_survives_hub_kernel_mode_switches(tmp_path):
+    """transformers loads with ``use_kernels=True`` when ``kernels`` is installed, and each
+    train()/eval() mode change re-kernelizes, resetting the RMSNorm forwards: the patch must
+    survive it (it was silently dropped by the trainer's first train())."""
+    pytest.importorskip("kernels")
+    _model("llama").save_pretrained(tmp_path)
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, use_kernels=True)
+    assert m.use_kernels  # the situation under test
+    norms = [x for x in m.modules() if type(x).__name__ == "LlamaRMSNorm"]
+    assert hf_fast.patch_blocks(m)["rms_norm"] == len(norms) == 5
+    for mode in (True, False, True):
+        m.train(mode)
+        assert all("forward" in n.__dict__ for n in norms), f"train({mode}) dropped the RMSNorm patch"
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    assert type(norms[0](x).grad_fn).__name__ == "_RMSNormFnBackward"

@@ -40,7 +40,7 @@ from fastft import _backend
 from fastft.errors import UserError
 
 __all__ = ["AdamWGroup", "StepResult", "adamw_reference", "clip_grad_norm_", "fused_adamw",
-           "grad_norm", "kernel_dtype_ok", "split_master_decode", "split_master_encode"]
+           "grad_norm", "grad_sumsq", "kernel_dtype_ok", "split_master_decode", "split_master_encode"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -229,6 +229,17 @@ def _sumsq(grads: list[Tensor], backend: str) -> Tensor:
     # accumulation (fp32 _foreach_norm was 3e-6 off on 65537 bf16 elements)
     norms = torch._foreach_norm([x.double() for x in grads], 2.0)
     return torch.stack(norms).square().sum()
+
+
+def grad_sumsq(grads: list[Tensor], forced: str | None = None) -> Tensor:
+    """Sum of squares of every element of ``grads`` (one pass, fp64 accumulation): 0-dim fp64
+    tensor on the grads' device (CPU when ``grads`` is empty)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    backend = _backend.choose_backend("adamw", grads[0].device, forced)
+    if backend != "torch" and not _contiguous_kernel_grads(grads):
+        backend = "torch"
+    return _sumsq(grads, backend).to(torch.float64)
 
 
 def grad_norm(grads: list[Tensor], forced: str | None = None) -> Tensor:

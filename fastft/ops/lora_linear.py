@@ -358,8 +358,9 @@ class _LoRALinearFn(torch.autograd.Function):
 
 def lora_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
     """:class:`_LoRALinearFn`'s gradients for a ctx of its forward. With ``acc`` (N, in) the input
-    gradient is added into it in place (returned as dx): fastft/fused_layer.py sums q/k/v and
-    gate/up input gradients that way, in the GEMM's accumulate instead of a separate add."""
+    gradient is added into it in place by the GEMM's accumulate (returned as dx), for a caller that
+    sums input gradients without an (N, in) temporary. (fastft/fused_layer.py adds separately: see
+    its ``_proj_bwd`` for the measured bf16 error.)"""
     xd, u, A, B = ctx.saved_tensors
     base, s, p, seed, backend = ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend
     dy = dy.contiguous()

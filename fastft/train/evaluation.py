@@ -22,8 +22,8 @@ __all__ = ["lm_eval", "loss_totals", "make_metrics_hook"]
 
 @torch.no_grad()
 def loss_totals(loss_mod, examples: list[dict], collate, device: torch.device, batch_size: int,
-                max_batches: int = 0, shard: bool = False) -> torch.Tensor:
-    """(2,) float64 ``[sum of target-token losses, target count]`` of ``examples``.
+                max_batches: int = 0, shard: bool = False, per_example: bool = False) -> torch.Tensor:
+    """(2,) float64 ``[sum of target losses, target count]`` of ``examples``.
 
     Args:
         loss_mod: ``(input_ids, attention_mask, labels, ..., smoothing=False) -> (loss sum, count)``
@@ -31,14 +31,31 @@ def loss_totals(loss_mod, examples: list[dict], collate, device: torch.device, b
         collate: examples -> batch dict of tensors.
         max_batches: stop after this many batches (0: all).
         shard: this rank takes its share of the examples and the totals are summed over ranks.
+            Every rank runs the same number of batches (FSDP2 gathers weights in each forward):
+            a short share is padded by wrapping (``dist.eval_shard``) and the padding entries
+            carry no loss, so N ranks report what one does.
+        per_example: ``labels`` are (B,) class ids (classification), not (B, T) token targets:
+            padding rows are dropped instead of masked (DDP only; no collectives in the loop).
     """
-    idx = dist.shard(list(range(len(examples)))) if shard else list(range(len(examples)))
+    if shard:
+        idx, n_real = dist.eval_shard(len(examples))
+    else:
+        idx = list(range(len(examples)))
+        n_real = len(idx)
     starts = list(range(0, len(idx), batch_size))
     if max_batches:
         starts = starts[:max_batches]
     tot = torch.zeros(2, dtype=torch.float64)
     for s in starts:
-        b = {k: v.to(device) for k, v in collate([examples[i] for i in idx[s:s + batch_size]]).items()}
+        rows = [examples[i] for i in idx[s:s + batch_size]]
+        pad = max(0, s + len(rows) - n_real)
+        if pad and per_example:
+            rows = rows[:len(rows) - pad]
+            if not rows:
+                continue
+        b = {k: v.to(device) for k, v in collate(rows).items()}
+        if pad and not per_example:
+            b["labels"][len(rows) - pad:] = -100
         ls, n = loss_mod(**b, smoothing=False)
         tot += torch.tensor([float(ls), float(n)], dtype=torch.float64)
     if shard:
@@ -47,9 +64,9 @@ def loss_totals(loss_mod, examples: list[dict], collate, device: torch.device, b
 
 
 def lm_eval(loss_mod, examples: list[dict], collate, device: torch.device, batch_size: int,
-            max_batches: int = 0, shard: bool = False) -> dict:
+            max_batches: int = 0, shard: bool = False, per_example: bool = False) -> dict:
     """``{"eval_loss", "eval_ppl", "eval_tokens"}`` of :func:`loss_totals` (loss 0 on no targets)."""
-    tot = loss_totals(loss_mod, examples, collate, device, batch_size, max_batches, shard)
+    tot = loss_totals(loss_mod, examples, collate, device, batch_size, max_batches, shard, per_example)
     loss = (tot[0] / tot[1].clamp(min=1)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tot[1])}
 

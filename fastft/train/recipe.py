@@ -110,10 +110,12 @@ class Recipe:
 
         cfg = self.cfg
         hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
-        device = resolve_device(cfg.train.device)
+        # an unsupported distributed mix fails here, before the slow model load
+        dist.check_supported(dist.resolve_strategy(cfg.train.distributed, cfg.finetune.mode), cfg)
+        device = dist.local_device(resolve_device(cfg.train.device))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        dist.init(device)
+        dist.init(device, cfg.train.distributed_timeout)
         dtype = resolve_dtype(cfg.model.dtype, device)
         if dtype == torch.float16 and device.type != "cuda":
             raise ConfigError("model.dtype=fp16: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
@@ -147,9 +149,11 @@ class Recipe:
                 cfg.model.path, self.bundle.label_names, dtype=self.dtype, gguf_file=cfg.model.gguf_file,
                 attn_implementation=cfg.model.attn_implementation)
         else:
+            # int8 base weights stream straight into int8 (fastft/int8_loading.py): the float
+            # model is never held whole, so an int8 recipe keeps them across trials (_model_key)
             model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=self.dtype,
                                                      attn_implementation=cfg.model.attn_implementation,
-                                                     dropout=cfg.model.dropout)
+                                                     dropout=cfg.model.dropout, int8_base=_int8_base(cfg))
         self.model, self.tokenizer = model, tok
         self._adapted = self._base_dirty = False
         return model, tok
@@ -185,8 +189,8 @@ class Recipe:
             raise UserError("Recipe.adapt(): call load() first")
         if cfg is not None:
             if _model_key(cfg) != _model_key(self.cfg):
-                raise ConfigError("Recipe.adapt(cfg): cfg.model differs from the loaded model's; "
-                                  "build a new Recipe (or call load()) for another model")
+                raise ConfigError("Recipe.adapt(cfg): cfg.model (or lora.int8_base) differs from the loaded "
+                                  "model's; build a new Recipe (or call load()) for another model")
             self.cfg = cfg
             if self._data_key is not None and self._data_key != _data_key(cfg):
                 self.bundle = None  # its split/shuffle came from another data section or seed: rebuilt
@@ -224,6 +228,8 @@ class Recipe:
             # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/precision.py)
             attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
         self.model = model.to(self.device)
+        if dist.world_size() > 1:  # weights and LoRA init are identical on every rank; dropout is not
+            dist.seed_ranks(cfg.train.seed)
         self._adapted = True
         return self.model
 
@@ -249,6 +255,8 @@ class Recipe:
         remove_lora(model)
         for name, m in list(model.named_modules()):
             if isinstance(m, Int8Linear):
+                if _int8_base(self.cfg) and name not in self._int8_originals:
+                    continue  # loaded as int8 (load()); the next trial is int8 too (_model_key)
                 if name not in self._int8_originals:
                     raise UserError(f"Recipe.reset(): {name} was quantised outside the recipe; load() again")
                 set_module(model, name, self._int8_originals[name])
@@ -324,7 +332,12 @@ class Recipe:
 
 def _model_key(cfg) -> tuple:
     m = cfg.model
-    return (m.path, m.gguf_file, m.dtype, m.attn_implementation, m.dropout, cfg.data.format)
+    return (m.path, m.gguf_file, m.dtype, m.attn_implementation, m.dropout, cfg.data.format, _int8_base(cfg))
+
+
+def _int8_base(cfg) -> bool:
+    """The frozen base linears are int8 (LoRA only; loaded that way)."""
+    return bool(cfg.lora.int8_base and cfg.finetune.mode == "lora" and cfg.data.format != "classification")
 
 
 def _data_key(cfg) -> str:
