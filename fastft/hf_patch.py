@@ -8,8 +8,9 @@ weight (the tied embedding when tied), so the (B, T, V) logits never exist; the 
 ``generate``) the original forward runs and returns normal logits. ``unpatch_model`` restores it.
 
 Semantics follow transformers' ``ForCausalLMLoss``: labels are shifted left by one (position t
-predicts token t+1, the last position gets ``-100``), ``ignore_index=-100``, maths in fp32, Gemma 2's
-``config.final_logit_softcapping`` applied as a soft cap.
+predicts token t+1, the last position gets ``-100``), ``ignore_index=-100``, maths in fp32, and the
+model's logit transform (Gemma 2/3's soft-cap, Cohere's ``logit_scale``, Granite's
+``logits_scaling``) applied as its adapter (``fastft.models``) says.
 
 Gradient accumulation: the HF Trainer passes ``num_items_in_batch``, the number of target tokens
 of the whole optimizer step (all micro-batches, all ranks' share). With it the loss is the
@@ -17,9 +18,10 @@ of the whole optimizer step (all micro-batches, all ranks' share). With it the l
 the micro-batch gradients gives the token-level mean over the step (not the mean of per-batch
 means). Without it the loss is the mean over this batch's non-ignored tokens.
 
-Supported ``config.model_type``: llama, qwen2, mistral, gemma, gemma2, gpt2 (each tested against
-the unpatched model: same loss and gradients). Other families may transform the logits
-differently (e.g. logit scales) and are refused with a clear error.
+Which models: those whose adapter (``fastft.models.adapter_for``) has the fused cross-entropy
+(tests/test_model_adapters.py checks each against the unpatched model: same loss and gradients).
+Any other causal LM is left on HF's forward (already correct), with one notice saying why; a
+model that is not a causal LM is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -29,46 +31,54 @@ import torch
 import torch.nn.functional as F
 
 from fastft.errors import UserError
+from fastft.models import FAMILIES, adapter_for, unwrap
+from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 __all__ = ["patch_model", "unpatch_model", "SUPPORTED_MODEL_TYPES"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2")
+SUPPORTED_MODEL_TYPES = tuple(mt for a in FAMILIES if a.fused_ce for mt in a.model_types)
 _ORIG = "_fastft_orig_forward"
 
 
-def _causal_lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _is_causal_lm(lm) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(lm).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def patch_model(model, *, chunk_size: int | None = None):
     """Patch ``model`` (a ``*ForCausalLM``, or a PEFT model wrapping one) in place; returns it.
 
+    A causal LM without a fused-CE adapter (``fastft.models.adapter_for``) is returned unpatched
+    (HF's forward is correct, only unfused) after one ``RuntimeWarning`` saying why.
+
     Raises:
-        UserError: the model type is not supported or it has no linear output head.
+        UserError: the model is not a causal LM.
     """
-    lm = _causal_lm(model)
+    lm = unwrap(model)
     mtype = getattr(getattr(lm, "config", None), "model_type", None)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"patch_model: model_type={mtype!r} is not supported; expected one of "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    head = lm.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise UserError(f"patch_model: output head of {type(lm).__name__} is "
-                        f"{type(head).__name__}, expected torch.nn.Linear")
+    if not _is_causal_lm(lm):
+        raise UserError(f"patch_model: model_type={mtype!r} is not supported: {type(lm).__name__} is not "
+                        f"a causal LM (AutoModelForCausalLM)")
+    adapter = adapter_for(lm)
+    if not adapter.fused_ce:
+        return model
     if getattr(lm, _ORIG, None) is None:
         setattr(lm, _ORIG, lm.forward)
         lm._fastft_chunk_size = chunk_size
+        lm._fastft_head = adapter.head_transform(lm.config)
         lm.forward = types.MethodType(_fused_forward, lm)
     return model
 
 
 def unpatch_model(model):
     """Undo :func:`patch_model`; returns the model."""
-    lm = _causal_lm(model)
+    lm = unwrap(model)
     orig = getattr(lm, _ORIG, None)
     if orig is not None:
         del lm.forward  # the instance attribute; the class forward is visible again
         delattr(lm, _ORIG)
+        del lm._fastft_head
     return model
 
 
@@ -82,18 +92,17 @@ def _fused_forward(self, input_ids=None, *args, labels=None, shift_labels=None,
                     **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-
     kwargs.pop("return_dict", None)
     out = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kwargs)
     hidden = out.last_hidden_state  # (B, T, H)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]  # (B, T): t predicts t+1
     head = self.get_output_embeddings()
-    softcap = getattr(self.config, "final_logit_softcapping", None)
+    tf = self._fastft_head
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), head.bias,
-                                      ignore_index=-100, softcap=softcap, reduction=reduction,
+                                      ignore_index=-100, softcap=tf.softcap, logit_scale=tf.scale,
+                                      reduction=reduction,
                                       chunk_size=self._fastft_chunk_size)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

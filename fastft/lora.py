@@ -28,7 +28,7 @@ from fastft.errors import ConfigError, UserError
 from fastft.ops.lora_linear import Int8Weight, int8_linear, lora_linear, quantize_int8
 
 __all__ = ["Int8Linear", "LoRALinear", "inject_lora", "quantize_model_int8", "save_adapter", "load_adapter",
-           "merge_lora", "trainable_parameters_line"]
+           "merge_lora", "remove_lora", "set_module", "trainable_parameters_line"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -168,9 +168,27 @@ class LoRALinear(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Model surgery
 # ----------------------------------------------------------------------------------------------
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (dotted path) of ``model``."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+_set_module = set_module
+
+
+def remove_lora(model: nn.Module) -> int:
+    """Undo :func:`inject_lora`: every :class:`LoRALinear` gives its ``base_layer`` back (merged
+    adapters are unmerged first). Returns the number of layers restored."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            if m.merged:
+                m.unmerge()
+            set_module(model, name, m.base_layer)
+            n += 1
+    model.__dict__.pop("_fastft_lora", None)
+    return n
 
 
 def _excluded_heads(model: nn.Module) -> set[str]:

@@ -5,7 +5,6 @@ before the run directory is created, so a bad invocation leaves nothing behind.
 """
 from __future__ import annotations
 
-import random
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import click
 
 from fastft.config import Config, describe_keys, load_config, save_config
 from fastft.errors import ConfigError, UserError
+from fastft.train.recipe import Recipe, seed_everything  # noqa: F401  (seed_everything: callers import it here)
 
 
 def _help_epilog() -> str:
@@ -70,101 +70,16 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def build(cfg: Config, bundle=None):
-    """Load model + tokenizer + data and set up the fine-tuning mode. Returns
-    (model, tokenizer, bundle, device). A given ``bundle`` (a ``DataBundle`` of already tokenised
-    rows, e.g. ``fastft bench``'s fixed-length batches) replaces the data described by ``cfg.data``."""
-    import torch
-
-    from fastft import distributed as dist
-    from fastft.data import build_datasets
-    from fastft.finetune import apply_freezing, setup_lora
-    from fastft.model_loading import load_model_and_tokenizer
-    from fastft.train_utils import resolve_device, resolve_dtype, unwrap
-
-    from fastft.data import preflight
-
-    if bundle is None:  # fail on unreadable data before the slow model load
-        preflight(cfg.data)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    dist.init(device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ConfigError("model.dtype=fp16: fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU")
-    seed_everything(cfg.train.seed)
-    new_params: list[str] = []
-    if cfg.data.format == "classification":
-        # the label set (from the data) sizes the new head, so the data comes first
-        from fastft.data.classification import load_classifier, resolve_package_path
-        from fastft.model_loading import load_tokenizer, materialize
-
-        tok = load_tokenizer(materialize(resolve_package_path(cfg.model.path), cfg.model.gguf_file))
-        bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
-        seed_everything(cfg.train.seed)
-        model, tok, new_params = load_classifier(cfg.model.path, bundle.label_names, dtype=dtype,
-                                                 gguf_file=cfg.model.gguf_file,
-                                                 attn_implementation=cfg.model.attn_implementation)
-    else:
-        model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=dtype,
-                                                 attn_implementation=cfg.model.attn_implementation,
-                                                 dropout=cfg.model.dropout)
-        if bundle is None:
-            bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
-    if cfg.model.fused_blocks:
-        _patch_blocks(model, cfg.model.fused_attention, cfg.model.fused_layers)
-    if cfg.model.gradient_checkpointing:
-        lm = unwrap(model)  # transformers 5 renamed it; keep working on 4.x
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.finetune.mode == "lora":
-        model = setup_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
-    apply_freezing(model, cfg.finetune)
-    if new_params:  # a new classification head trains in every mode
-        from fastft.data.classification import mark_trainable
-
-        mark_trainable(model, new_params)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"finetune: mode={cfg.finetune.mode!r} with these regex/freeze settings leaves "
-                          "no parameter to train")
-    from fastft.precision import keep_fp32_weights
-
-    keep_fp32_weights(model, cfg.finetune)  # trainable embeddings/norms in fp32 (fastft/precision.py)
-    if dtype != torch.float32 and cfg.finetune.mode != "lora" and cfg.data.format != "classification":
-        from fastft.model_loading import materialize
-        from fastft.precision import attach_fp32_sources
-
-        # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/precision.py)
-        attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
-    return model.to(device), tok, bundle, device
-
-
-def _patch_blocks(model, attention: bool = True, layers: bool = True) -> None:
-    """Fused RMSNorm/SwiGLU/RoPE (and causal attention) in supported Llama-family blocks
-    (fastft/hf_fast.py); other architectures run HF's code, said once."""
-    from fastft import hf_fast
-
-    if hf_fast.supported(model):
-        hf_fast.patch_blocks(model, attention=attention, layers=layers)
-    else:
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        click.echo(f"model.fused_blocks: architecture {mt!r} not supported "
-                   f"({', '.join(hf_fast.SUPPORTED_MODEL_TYPES)}); running HF's blocks")
+    """Load model + tokenizer + data and set up the fine-tuning mode through the stages of
+    :class:`fastft.train.Recipe`. Returns (model, tokenizer, bundle, device). A given ``bundle``
+    (a ``DataBundle`` of already tokenised rows, e.g. ``fastft bench``'s fixed-length batches)
+    replaces the data described by ``cfg.data``."""
+    recipe = Recipe(cfg, log=click.echo)
+    recipe.load(check_data=bundle is None)
+    recipe.data(bundle)
+    recipe.adapt()
+    return recipe.model, recipe.tokenizer, recipe.bundle, recipe.device
 
 
 def run(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
@@ -172,7 +87,6 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
     """Programmatic ``fastft train``; returns the trainer summary plus ``run_dir``."""
     from fastft import distributed as dist
     from fastft.finetune import param_table
-    from fastft.trainer import Trainer
 
     cfg = load_config(config, overrides)
     if overwrite:
@@ -180,12 +94,12 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     cfg.output.dir = str(run_dir)
     ckpt = check_run_dir(run_dir, resume, cfg.output.overwrite)
-    model, tok, bundle, device = build(cfg)
-    if metrics_hook is None:  # classification metrics / per-task losses from the data side
-        from fastft.metrics import make_metrics_hook
-
-        metrics_hook = make_metrics_hook(bundle, run_dir, tok.pad_token_id or 0, cfg.train.batch_size)
-    trainer = Trainer(cfg, run_dir, model, tok, bundle, device, metrics_hook=metrics_hook, log=click.echo)
+    recipe = Recipe(cfg, log=click.echo)
+    recipe.load()
+    bundle = recipe.data()
+    model = recipe.adapt()
+    # classification metrics / per-task losses from the data side when no hook is given
+    trainer = recipe.make_trainer(run_dir, metrics_hook)
     if dist.is_main():  # all validation passed: now touch the disk
         if run_dir.exists() and cfg.output.overwrite and not resume:
             shutil.rmtree(run_dir)
@@ -197,6 +111,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         click.echo(f"data: {bundle.stats}; {trainer.total_steps} steps of {cfg.train.batch_size}x"
                    f"{cfg.train.grad_accum} sequences; run dir {run_dir}")
     dist.barrier()
+    seed_everything(cfg.train.seed)  # as Recipe.train: dropout masks do not depend on the load
     if ckpt is not None:
         trainer.resume_from(ckpt)
     try:

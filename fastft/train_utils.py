@@ -1,13 +1,17 @@
-"""Pieces of the training loop: dtype choice, the loss module, optimizer and lr schedule."""
+"""Pieces of the training loop: dtype choice, optimizer and lr schedule. The loss lives with the
+model adapters (``fastft.models.loss``: each family's head transform decides it); its names are
+re-exported here for the callers that import them from the training side."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fastft.recompute import recompute_cheap
+from fastft.models import unwrap
+from fastft.models.loss import CausalLMLoss, causal_suffices, ce_sum
+
+__all__ = ["CausalLMLoss", "build_optimizer", "causal_suffices", "ce_sum", "lr_factor", "resolve_device",
+           "resolve_dtype", "set_lr", "unwrap"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,85 +33,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         ok = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
         return torch.bfloat16 if ok else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The HF ``*ForCausalLM`` inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           label_smoothing: float, fused: bool) -> torch.Tensor:
-    """Sum of token cross-entropies, fp32 scalar.
-
-    Args:
-        hidden: (N, H) final hidden states of the target positions only.
-        weight: (V, H) output head weight; bias: (V,) or None.
-        targets: (N,) int64 token ids.
-        fused: use fastft.ops.fused_linear_cross_entropy (no (N, V) logits); False builds them.
-    """
-    if fused:
-        from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-
-        return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum",
-                                          label_smoothing=label_smoothing)
-    w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # fp32 tied head: as autocast
-    logits = F.linear(hidden, w, None if bias is None else bias.to(hidden.dtype)).float()  # (N, V)
-    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
-
-
-def causal_suffices(attention_mask: torch.Tensor, labels: torch.Tensor, position_ids=None) -> bool:
-    """True when plain causal attention gives every position the loss reads the same output as
-    the mask: a (B, T) 0/1 mask whose rows are right-padded (ones, then zeros) and whose pad
-    positions carry no target. A real token never attends to a later key, so it never sees a pad
-    key; pad positions see other pads, but only their own targets could read them, and those are
-    -100. Then SDPA takes its causal fast path and fastft's causal kernels run (a mask sends
-    them to HF's SDPA), instead of a materialised (B, 1, T, T) mask. Exact, not approximate."""
-    if attention_mask.dim() != 2 or position_ids is not None:
-        return False
-    if bool(attention_mask.all()):
-        return True
-    m = attention_mask
-    right_padded = bool(((m == 0) | (m == 1)).all()) and bool((m[:, 1:] <= m[:, :-1]).all())
-    return right_padded and bool((labels[m == 0] == -100).all())
-
-
-class CausalLMLoss(nn.Module):
-    """Wraps a causal LM so ``forward`` returns (sum of target-token losses, target count).
-
-    Only positions with a target (label != -100 after the shift) go through the output head:
-    with prompt masking that is about half the tokens, and the (N, V) logits never exist for the
-    rest. The caller divides by the number of target tokens of the whole optimizer step.
-    """
-
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, fused_ce: bool = True,
-                 recompute_cheap: bool = True):
-        super().__init__()
-        self.model = model
-        self.label_smoothing = label_smoothing
-        self.fused_ce = fused_ce
-        self.recompute_cheap = recompute_cheap
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None, smoothing: bool = True):
-        """input_ids/labels: (B, T) int64; attention_mask (B, T) 0/1 or a (B, 1, T, T) additive
-        mask (packing). Returns (fp32 loss sum, int64 target count)."""
-        lm = unwrap(self.model)
-        mask = None if causal_suffices(attention_mask, labels, position_ids) else attention_mask
-        # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
-        # without grad, and inside checkpointed layers, whose own hooks take over)
-        with recompute_cheap(self.recompute_cheap):
-            out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                use_cache=False)
-        h = out.last_hidden_state  # (B, T, H)
-        targets = labels[:, 1:]
-        keep = targets != -100
-        hs = h[:, :-1][keep]  # (N, H)
-        t = targets[keep]
-        head = lm.get_output_embeddings()
-        ls = self.label_smoothing if smoothing else 0.0
-        loss = ce_sum(hs, head.weight, getattr(head, "bias", None), t, ls, self.fused_ce)
-        return loss, keep.sum()
 
 
 def build_optimizer(groups: list[dict], cfg_train, low_precision: bool) -> torch.optim.Optimizer:

@@ -26,6 +26,9 @@ OPTIONS = [
     dict(softcap=4.0),
     dict(label_smoothing=0.05, z_loss=1e-2, softcap=3.0, reduction="sum"),
     dict(reduction="none", z_loss=1e-3),
+    dict(logit_scale=0.0625),                        # Cohere's logit_scale
+    dict(logit_scale=1 / 3.0, softcap=2.5, reduction="sum"),  # scale, then cap
+    dict(logit_scale=2.5, reduction="none"),
 ]
 
 
@@ -264,3 +267,16 @@ def test_fp32_weight_with_16bit_hidden(backend, dtype, reduction):
     assert w.grad is not None and w.grad.dtype == torch.float32
     with pytest.raises(TypeError, match="dtype"):  # 16-bit weight with fp32 hidden: not a supported mix
         fused_linear_cross_entropy(h.detach().float(), w16, y, backend=backend)
+
+
+def test_logit_scale_is_really_applied():
+    """A scaled loss differs from the unscaled one and equals the cross-entropy of scaled logits."""
+    h, w, _, y = _problem(9, 13, 57, torch.float32)
+    plain = fused_linear_cross_entropy(h, w, y)
+    scaled = fused_linear_cross_entropy(h, w, y, logit_scale=0.25)
+    keep = y != -100
+    expect = torch.nn.functional.cross_entropy((h @ w.T)[keep] * 0.25, y[keep])
+    assert abs(plain.item() - scaled.item()) > 1e-3
+    torch.testing.assert_close(scaled, expect, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="logit_scale"):
+        fused_linear_cross_entropy(h, w, y, logit_scale=0.0)

@@ -97,3 +97,14 @@ def test_unsupported_family_is_a_clear_error():
     m = transformers.BertForMaskedLM(cfg)
     with pytest.raises(UserError, match="model_type='bert' is not supported"):
         patch_model(m)
+
+
+def test_causal_lm_without_fused_adapter_stays_on_hf_forward():
+    """A causal LM fastft has no adapter for (here BLOOM) is left on HF's forward, which is
+    correct, and the user is told once which fused paths are off and why."""
+    cfg = transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).float().train()
+    with pytest.warns(RuntimeWarning, match="model_type='bloom'.*fused cross-entropy.*off"):
+        patch_model(m)
+    out, _ = _loss_and_grads(m)
+    assert out.logits is not None  # HF's own forward ran

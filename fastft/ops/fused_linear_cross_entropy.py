@@ -2,13 +2,16 @@
 
 Maths, per token i with target y (fp32 whatever the input dtype), eps = label_smoothing::
 
-    x  = hidden_i @ weight.T + bias                      (V,)   the GEMM, in the input dtype
-    z  = softcap * tanh(x / softcap)   (or z = x)               logit soft-capping (Gemma 2)
+    x  = logit_scale * (hidden_i @ weight.T + bias)      (V,)   the GEMM, in the input dtype
+    z  = softcap * tanh(x / softcap)   (or z = x)               logit soft-capping (Gemma 2/3)
     lse = logsumexp(z);  p = exp(z - lse)
     loss_i = lse - (1 - eps) * z_y - eps / V * sum(z) + z_loss * lse^2
     dloss_i/dz_j = p_j * (1 + 2 z_loss lse) - (1 - eps) [j == y] - eps / V
 
-which is ``F.cross_entropy(z, y, label_smoothing=eps)`` plus the z-loss of PaLM
+``logit_scale`` is Cohere's ``logit_scale`` and Granite's ``1 / logits_scaling``; it is applied
+by scaling ``hidden`` (and ``bias``) before the op, ``(s h) W^T + s b = s (h W^T + b)``, so autograd
+carries it into every gradient and the kernels never see it. The result is
+``F.cross_entropy(z, y, label_smoothing=eps)`` plus the z-loss of PaLM
 (Chowdhery et al. 2022, ``z_loss * log(Z)^2``). Tokens whose label is ``ignore_index`` have
 zero loss and zero gradient; ``reduction="mean"`` divides by the number of other tokens
 (0 tokens -> loss 0, not NaN).
@@ -96,15 +99,18 @@ def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
 def fused_linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor,
                                          bias: Tensor | None = None, *, ignore_index: int = -100,
                                          label_smoothing: float = 0.0, z_loss: float = 0.0,
-                                         softcap: float | None = None, reduction: str = "mean",
+                                         softcap: float | None = None, logit_scale: float = 1.0,
+                                         reduction: str = "mean",
                                          return_z_loss: bool = False, return_accuracy: bool = False):
     """The same op computed naively in fp32 (builds the full logits). Same arguments and
     returns as :func:`fused_linear_cross_entropy`; gradients flow through autograd."""
-    _check_options(reduction, label_smoothing, z_loss, softcap)
+    _check_options(reduction, label_smoothing, z_loss, softcap, logit_scale)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).float()
     y = labels.reshape(-1)
     logits = F.linear(h, weight.float(), None if bias is None else bias.float())
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     ce = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none",
@@ -126,7 +132,7 @@ def fused_linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels:
                          acc.detach() if return_accuracy else None)
 
 
-def _check_options(reduction, label_smoothing, z_loss, softcap):
+def _check_options(reduction, label_smoothing, z_loss, softcap, logit_scale=1.0):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {', '.join(_REDUCTIONS)}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -135,6 +141,8 @@ def _check_options(reduction, label_smoothing, z_loss, softcap):
         raise ValueError(f"z_loss={z_loss}: expected a non-negative number")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap}: expected a positive number or None")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"logit_scale={logit_scale}: expected a positive finite number")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +416,8 @@ def _is_one(g: Tensor) -> bool:
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
                                bias: Tensor | None = None, *, ignore_index: int = -100,
                                label_smoothing: float = 0.0, z_loss: float = 0.0,
-                               softcap: float | None = None, reduction: str = "mean",
+                               softcap: float | None = None, logit_scale: float = 1.0,
+                               reduction: str = "mean",
                                chunk_size: int | None = None, return_z_loss: bool = False,
                                return_accuracy: bool = False, backend: str | None = None):
     """``F.cross_entropy(F.linear(hidden, weight, bias), labels)`` without the (N, V) logits.
@@ -423,6 +432,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
         label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
         z_loss: coefficient of ``logsumexp(logits)^2`` added to each token's loss.
         softcap: logits become ``softcap * tanh(logits / softcap)`` before the softmax.
+        logit_scale: logits are multiplied by this (before the soft-cap); Cohere's
+            ``logit_scale``, Granite's ``1 / logits_scaling``.
         reduction: "mean" (over non-ignored tokens; 0 when there are none), "sum" or "none"
             (shape of ``labels``, 0 at ignored tokens).
         chunk_size: rows per chunk; default :func:`default_chunk_size`.
@@ -434,9 +445,14 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     Raises:
         ValueError/TypeError on bad shapes, dtypes, options or (on CPU) out-of-range labels.
     """
-    _check_options(reduction, label_smoothing, z_loss, softcap)
+    _check_options(reduction, label_smoothing, z_loss, softcap, logit_scale)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: expected a positive integer or None")
+    if logit_scale != 1.0:
+        # s * (h W^T + b) == (s h) W^T + s b: one (..., H) multiply instead of a new kernel path;
+        # autograd gives dh = s * dh' and dW = dlogits^T (s h), both exact.
+        hidden = hidden * logit_scale
+        bias = None if bias is None else bias * logit_scale
     be = _backend.choose_backend("cross_entropy", hidden.device, backend)
     opts = _Opts(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
     loss, zt, acc = _FusedLinearCE.apply(hidden, weight, bias, labels, int(ignore_index), opts,
