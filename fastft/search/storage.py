@@ -68,8 +68,12 @@ def open_storage(storage: str | None, out: Path):
             kw = ("heartbeat_stale_trial_callback"  # Optuna >= 4.9; failed_trial_callback before
                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                   else "failed_trial_callback")
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                              **{kw: retry_callback()})
+            import warnings
+
+            with warnings.catch_warnings():  # ExperimentalWarning: heartbeat_interval
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                  **{kw: retry_callback()})
         except Exception as e:  # sqlalchemy's errors: bad driver, host unreachable, ...
             raise UserError(f"--storage {storage!r}: {str(e).splitlines()[0][:200]}") from None
     path = Path(storage) if storage else out / "study.journal"
