@@ -197,3 +197,20 @@ def test_skipping_the_transform_would_fail(model_type):
     old.transform = HeadTransform()
     ls, n = old(*batch)
     assert abs((ls / n).item() - hf.item()) > 1e-3  # the matrix checks to 1e-5
+
+
+def test_classifier_keeps_the_family_blocks():
+    """A llama-backbone classifier has no causal-LM head (its loss is the classifier's), but its
+    decoder blocks are the family's: the recipe still fuses them (as before the adapters)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fastft.models import blocks_adapter_for
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification(cfg)
+    fam = blocks_adapter_for(model)
+    assert fam is not None and fam.name == "llama" and fam.fused_blocks
+    counts = fam.patch_blocks(model)
+    assert counts["rms_norm"] == 2 * 2 + 1 and counts["mlp"] == 2
+    assert blocks_adapter_for(torch.nn.Linear(2, 2)) is None

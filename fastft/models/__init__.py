@@ -30,7 +30,8 @@ from fastft.models import cohere, gemma, granite, llama, plain
 from fastft.models.base import (HEAD_TRANSFORM_KEYS, Adapter, HeadTransform, active_head_keys,
                                 generic_adapter)
 
-__all__ = ["Adapter", "HeadTransform", "HEAD_TRANSFORM_KEYS", "FAMILIES", "adapter_for", "unwrap"]
+__all__ = ["Adapter", "HeadTransform", "HEAD_TRANSFORM_KEYS", "FAMILIES", "adapter_for", "blocks_adapter_for",
+           "unwrap"]
 
 FAMILIES: tuple[Adapter, ...] = (llama.ADAPTER, *gemma.ADAPTERS, cohere.ADAPTER, granite.ADAPTER,
                                  plain.ADAPTER)
@@ -80,3 +81,12 @@ def adapter_for(model: nn.Module, notify: bool = True) -> Adapter:
         _noticed.add(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return a
+
+
+def blocks_adapter_for(model: nn.Module) -> Adapter | None:
+    """The family adapter whose :meth:`~Adapter.patch_blocks` may rewire ``model``'s decoder
+    blocks, or None. Blocks depend only on the family (``config.model_type``), not on the head:
+    a ``*ForSequenceClassification`` model or a head with a logit transform the family does not
+    apply still runs the family's fused blocks (its loss is decided by :func:`adapter_for`)."""
+    lm = unwrap(model)
+    return _BY_TYPE.get(getattr(getattr(lm, "config", None), "model_type", None))

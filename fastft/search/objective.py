@@ -25,6 +25,7 @@ import torch
 
 from fastft.config import Config, save_config
 from fastft.errors import ConfigError, TrainingDiverged, UserError
+from fastft.train import seed_everything
 from fastft.trainer import Trainer
 
 
@@ -115,6 +116,7 @@ def run_config(cfg: Config, run_dir: Path, builder, trial=None, metric: str = "e
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         t1 = time.perf_counter()
+        seed_everything(run_cfg.train.seed)  # as Recipe.train / fastft train: dropout from the seed
         summary = trainer.train()
         out = timed(Outcome("complete", steps=summary["steps"]))
         if summary["interrupted"]:

@@ -349,12 +349,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _patch_blocks(model, attention: bool, layers: bool, log) -> None:
-    """Fused blocks as the model's adapter says (fastft/models/); others run HF's, said once."""
-    from fastft.models import adapter_for
+    """Fused blocks as the model's family adapter says (fastft/models/); others run HF's, said once."""
+    from fastft.models import blocks_adapter_for
 
-    adapter = adapter_for(model)
-    if adapter.fused_blocks:
+    adapter = blocks_adapter_for(model)
+    if adapter is not None and adapter.fused_blocks:
         adapter.patch_blocks(model, attention=attention, layers=layers)
-    elif not adapter.generic:  # the generic adapter has said why already
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        log(f"model.fused_blocks: the {adapter.name} adapter ({mt!r}) has no fused blocks; running HF's blocks")
+        return
+    mt = getattr(getattr(_unwrap(model), "config", None), "model_type", None)
+    who = f"the {adapter.name} adapter has none" if adapter is not None else "fastft has no adapter for it"
+    log(f"model.fused_blocks: no fused blocks for model_type {mt!r} ({who}); running HF's blocks")
