@@ -62,11 +62,29 @@ def live_tensor_mb() -> float:
     return sum(seen.values()) / 2 ** 20
 
 
+def malloc_mb() -> str:
+    """glibc's own account (``mallinfo2``): bytes of the heaps (main + thread arenas), the part of
+    them that is free (kept for reuse, not returned to the system) and the mmapped chunks."""
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+        m = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return ""
+    return f" | malloc heap {m.arena / 2**20:6.0f} free {m.fordblks / 2**20:6.0f} mmapped {m.hblkhd / 2**20:6.0f}"
+
+
 def mark(name: str, tensors: bool = True) -> None:
     s = status()
     live = f" live tensors {live_tensor_mb():7.0f}" if tensors else ""
     print(f"{name:<20} rss {s['VmRSS']:7.0f} (anon {s['RssAnon']:7.0f} file {s['RssFile']:6.0f}) | peak rss "
-          f"{PEAK['rss']:7.0f} (anon {PEAK['anon']:7.0f} file {PEAK['file']:6.0f}){live}", flush=True)
+          f"{PEAK['rss']:7.0f} (anon {PEAK['anon']:7.0f} file {PEAK['file']:6.0f}){live}{malloc_mb()}", flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -322,6 +322,10 @@ class Trainer:
         from fastft.progress import Progress
 
         self._open_tensorboard()
+        if self.step == 0 and not self.optimizer.state:
+            # Adam's moments before the first forward (the eval's included), not amid the first
+            # step's freed activations: less heap fragmentation (FusedAdamW.init_moments)
+            self.optimizer.init_moments()
         eval_before = self.evaluate() if self.step == 0 else {}
         key = self.t.early_stopping_metric
         if self.t.early_stopping_patience and self.step == 0 and key not in eval_before:
