@@ -1,4 +1,4 @@
-"""Profile fastft's own training step (``fastft.trainer.Trainer.train_step``, built exactly as
+"""Profile fastft's own training step (``fastft.train.trainer.Trainer.train_step``, built exactly as
 ``fastft train`` builds it) on the rows ``fastft bench`` uses, and print the top ops.
 
 Usage: ``python benchmarks/bench_e2e_profile_fastft.py [--mode lora|full] [--batch 4] [--seq 256]
@@ -25,12 +25,12 @@ def main() -> None:
     ap.add_argument("--shapes", action="store_true", help="group the table by input shapes")
     ap.add_argument("overrides", nargs="*", help="extra fastft config overrides (--section.key value)")
     args = ap.parse_args()
-    from fastft.bench import machine_info, prepare
-    from fastft.bench_runners import load_rows
+    from fastft.bench.cli import machine_info, prepare
+    from fastft.bench.runners import load_rows
     from fastft.config import load_config
     from fastft.data import DataBundle
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
 
     steps = 4
     tmp = Path(tempfile.mkdtemp(prefix="fastft-prof-"))

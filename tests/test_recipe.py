@@ -67,7 +67,7 @@ def test_load_once_train_two_lora_trials(tiny, tmp_path, one_thread):
 
     # the same trial in a fresh process
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "import sys; from fastft.train_cli import run; run(None, sys.argv[1:])"
+    code = "import sys; from fastft.train.cli import run; run(None, sys.argv[1:])"
     r = subprocess.run([sys.executable, "-c", code, *_args(tiny, tmp_path / "fresh", *TRIAL_B)],
                        env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
