@@ -43,11 +43,11 @@ def scenario_args(name: str, world: int, global_batch: int = 8) -> list[str]:
 def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
     """Train STEPS steps; returns {"loss": [...], "grad_norm": [...], "weights": {name: tensor}}
     (weights: full tensors on rank 0, gathered from FSDP shards)."""
-    from fastft import dist_checkpoint as dcp_ck
-    from fastft import distributed as dist
+    from fastft.train import dist_checkpoint as dcp_ck
+    from fastft.train import distributed as dist
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
 
     cfg = load_config(None, ["--model.path", tiny, "--output.dir", str(out_dir), *scenario_args(name, world)])
     model, tok, bundle, device = build(cfg)
@@ -66,7 +66,7 @@ def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
 
 def _inject(bug: str):
     """Replace a global reduction with the per-rank one; returns an undo function."""
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
     from fastft import optim
 
     if bug == "local_tokens":
@@ -79,7 +79,7 @@ def _inject(bug: str):
 
 
 def main(argv: list[str]) -> None:
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
 
     out, tiny, names = Path(argv[0]), argv[1], argv[2:]
     torch.set_num_threads(1)

@@ -176,7 +176,7 @@ def test_resume_across_world_sizes(tiny, tmp_path):
     """A 2-rank FSDP2 checkpoint resumes on 1 rank and a 1-rank checkpoint on 2 ranks (DCP
     reshards the weights and the optimizer state; the data position is recomputed), and both
     end where an uninterrupted 1-rank run of the same global batch (8) ends."""
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     run(None, cli_args(tiny, tmp_path / "ref", *FULL, "--train.batch_size", "8", "--train.max_steps", "4"))
     ref = train_lines(tmp_path / "ref")

@@ -20,7 +20,7 @@ def _one_thread(one_thread):
 
 
 def test_two_rank_lora_on_smollm2_matches_one_rank(tmp_path):
-    from fastft.model_loading import materialize
+    from fastft.models.loading import materialize
 
     model = materialize()  # build the HF cache once, before two processes race to
     out = tmp_path / "results.pt"

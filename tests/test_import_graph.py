@@ -101,6 +101,39 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(detail)
 
 
+# The layers of the house, lowest first: a module may import its own layer and the ones below.
+LAYERS = {
+    "fastft.errors": 0, "fastft.runtime": 0, "fastft._backend": 0, "fastft.config": 0,
+    "fastft.ops": 1, "fastft.optim": 1,
+    "fastft.models": 2, "fastft.data": 2,
+    "fastft.train": 3,
+    "fastft.search": 4, "fastft.bench": 4,
+    "fastft.cli": 5, "fastft.__main__": 5,
+    "fastft.resources": 5,  # the script that built the bundled datasets
+}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    for i in range(len(parts), 1, -1):
+        if ".".join(parts[:i]) in LAYERS:
+            return LAYERS[".".join(parts[:i])]
+    return None
+
+
+def test_layers_point_down():
+    """ops <- models, data <- train <- search, bench <- cli: no import points up a layer (and
+    models and data, side by side, do not import each other)."""
+    graph = _graph()
+    unplaced = sorted(m for m in graph if m != "fastft" and _layer(m) is None)
+    assert not unplaced, f"modules outside the layer table: {unplaced}"
+    up = [f"{a} -> {b}" for a, bs in graph.items() for b in bs
+          if b != "fastft" and a != "fastft" and _layer(b) > _layer(a)]
+    side = [f"{a} -> {b}" for a, bs in graph.items() for b in bs
+            if {a.split(".")[1], b.split(".")[1]} == {"models", "data"} if b != "fastft" and a != "fastft"]
+    assert not up and not side, "\n".join(up + side)
+
+
 def test_the_checker_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -115,3 +148,51 @@ def test_ops_exports_functions():
     for f in (fused_linear_cross_entropy, lora_linear, causal_attention, rms_norm, swiglu, rope):
         assert inspect.isfunction(f), f
     assert inspect.isfunction(ops.rms_norm) and inspect.isfunction(ops.fused_linear_cross_entropy)
+
+
+def _private_ops_uses(mods: dict[str, Path]) -> list[str]:
+    """``module: name`` for every underscore-prefixed name a fastft module takes from another
+    module of ``fastft.ops`` (``from fastft.ops.x import _y``, or ``alias._y`` on an imported ops
+    module): fused layers and the optimizer must call the ops' public functions."""
+    found = []
+    for name, f in mods.items():
+        tree = ast.parse(f.read_text())
+        aliases: dict[str, str] = {}  # local name -> the fastft.ops module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastft.ops") and not node.level:
+                if node.module == name:
+                    continue
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{name}: from {node.module} import {a.name}")
+                    elif f"{node.module}.{a.name}" in mods:  # a submodule (segments, adamw, ...)
+                        aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("fastft.ops") and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and aliases[node.value.id] != name and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                found.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and ast.unparse(node.value).startswith("fastft.ops")):
+                found.append(f"{name}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_ops_names_outside_their_module():
+    mods = _modules()
+    assert "fastft.ops.rms_norm" in mods
+    found = _private_ops_uses(mods)
+    assert not found, "private names of fastft.ops used elsewhere (make them public functions):\n" + "\n".join(found)
+
+
+def test_the_private_ops_checker_finds_a_use(tmp_path):
+    f = tmp_path / "layer.py"
+    f.write_text("from fastft.ops.rms_norm import _RMSNormFn, rms_norm\nimport fastft.ops.rope as r\nr._RoPEFn\n")
+    g = tmp_path / "rms.py"
+    g.write_text("from fastft.ops.rms_norm import _check\n")
+    found = _private_ops_uses({"fastft.layer": f, "fastft.ops.rms_norm": g})
+    assert found == ["fastft.layer: from fastft.ops.rms_norm import _RMSNormFn", "fastft.layer: fastft.ops.rope._RoPEFn"]

@@ -67,7 +67,7 @@ def test_load_once_train_two_lora_trials(tiny, tmp_path, one_thread):
 
     # the same trial in a fresh process
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "import sys; from fastft.train_cli import run; run(None, sys.argv[1:])"
+    code = "import sys; from fastft.train.cli import run; run(None, sys.argv[1:])"
     r = subprocess.run([sys.executable, "-c", code, *_args(tiny, tmp_path / "fresh", *TRIAL_B)],
                        env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -100,3 +100,22 @@ def test_full_trial_needs_keep_base(tiny, tmp_path, one_thread):
     kept.adapt()
     for n, p in kept.model.named_parameters():
         assert torch.equal(p, base[n]), n
+
+
+def test_trials_do_not_stack_fp32_casts(tiny, tmp_path, one_thread):
+    """A bf16 full trial keeps the trainable embedding and norms in fp32 with cast hooks
+    (fastft/train/precision.py); reset() removes them with the fp32 copies, so trial after trial the
+    model carries one set (they used to pile up, and a later trial that froze the tied embedding
+    kept the fp32 head cast)."""
+    cfg = load_config(None, _args(tiny, tmp_path / "f", "--finetune.mode", "full", "--model.dtype", "bf16"))
+    recipe = Recipe(cfg, log=lambda s: None, keep_base=True)
+    recipe.load()
+    recipe.adapt()
+    emb = recipe.model.get_input_embeddings()
+    norm = recipe.model.model.norm
+    assert emb.weight.dtype == torch.float32 and len(emb._forward_hooks) == 1 and len(norm._forward_hooks) == 1
+    recipe.reset()
+    assert emb.weight.dtype == torch.bfloat16 and not emb._forward_hooks and not norm._forward_hooks
+    recipe.adapt()
+    recipe.adapt()
+    assert len(emb._forward_hooks) == 1 and len(norm._forward_hooks) == 1

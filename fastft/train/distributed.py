@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastft.errors import ConfigError
-from fastft.train_utils import unwrap
+from fastft.train.utils import unwrap
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -233,8 +233,8 @@ def wrap(loss_mod: nn.Module, strategy: str, device: torch.device, log=print) ->
 @torch.no_grad()
 def _upcast_for_fsdp(module: nn.Module) -> torch.dtype | None:
     """FSDP2 needs one parameter dtype per sharded group, but a bf16 run keeps trainable norms
-    and embeddings in fp32 (fastft/precision.py). So a run with 16-bit weights stores every
-    weight in fp32 (exact fp32 source values where fastft.precision attached them) and FSDP2's
+    and embeddings in fp32 (fastft/train/precision.py). So a run with 16-bit weights stores every
+    weight in fp32 (exact fp32 source values where fastft.train.precision attached them) and FSDP2's
     MixedPrecisionPolicy casts the shards to the run dtype before the all-gather: the
     communication and the compute stay 16-bit, and the fp32 shards are AdamW's masters.
     Returns the run dtype (None for an fp32 run: nothing to do). The original dtypes are kept in
