@@ -59,8 +59,8 @@ def test_trainer_allocates_moments_before_the_first_forward(tmp_path):
     """Full fine-tuning: when the first forward runs, every trained parameter already has its
     fp32 moments, 8 bytes per parameter in all."""
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
     from trainer_helpers import make_tiny_model
 
     tiny = make_tiny_model(tmp_path / "model")
