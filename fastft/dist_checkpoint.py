@@ -61,12 +61,15 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
     name = [None]
     if dist.is_main():
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        ck.remove_debris(ckpt_root.parent)  # what an earlier killed save left (as ck.save_checkpoint)
         name[0] = tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=ckpt_root)
     tdist.broadcast_object_list(name, src=0)
     tmp = Path(name[0])
     try:
         msd, osd = get_state_dict(model, optimizer, options=_OPTS)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        # the PEFT adapter of every checkpoint: FSDP2's LoRA shards are gathered to rank 0 first
+        adapter = full_state_dict(model, trainable_only=True) if is_lora and _sharded(model) else None
         _rng_file(tmp, dist.rank()).parent.mkdir(exist_ok=True)
         torch.save(state.pop("rng"), _rng_file(tmp, dist.rank()))
         if dist.is_main():
@@ -74,7 +77,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
                         "fp32_shards": bool(getattr(model, "_fastft_export_dtypes", None))},
                        tmp / "trainer_state.pt")
             if is_lora:
-                ck.save_model_files(model, tokenizer, tmp, is_lora)
+                ck.save_model_files(model, tokenizer, tmp, is_lora, state_dict=adapter)
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.is_main():
             if final.exists():  # re-saving the same step (Ctrl-C right after a periodic save)
@@ -158,9 +161,11 @@ def _offsets(groups: list[dict]) -> list[int]:
     return out
 
 
-def full_state_dict(model) -> dict:
-    """Collective: the whole model's weights as plain CPU tensors on rank 0 ({} elsewhere)."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model, trainable_only: bool = False) -> dict:
+    """Collective: the whole model's weights (``trainable_only``: only those that train, e.g. the
+    LoRA adapters of a frozen sharded base) as plain CPU tensors on rank 0 ({} elsewhere)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=trainable_only))
     if not dist.is_main():
         return {}
     # FSDP2 kept a 16-bit run's shards in fp32 (fastft.distributed._upcast_for_fsdp): write the

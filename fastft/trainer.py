@@ -458,7 +458,7 @@ class Trainer:
         """``<run>/final``: adapter (PEFT) or HF model + tokenizer; ``<run>/merged`` on request.
         Under FSDP every rank first sends its shards to rank 0 (the same plain HF files as one
         process writes)."""
-        full = dcp_ck.full_state_dict(self.model) if self.strategy == "fsdp" else None
+        full = dcp_ck.full_state_dict(self.model, trainable_only=self.is_lora) if self.strategy == "fsdp" else None
         if not dist.is_main():
             dist.barrier()
             return
