@@ -124,6 +124,17 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
     return st
 
 
+def load_weights(ckpt: Path, model) -> None:
+    """Collective: the trainable weights of DCP checkpoint ``ckpt`` into ``model`` in its
+    current layout (FSDP2 shards, DDP replicas or one process), e.g. the best checkpoint at the
+    end of a run; the optimizer state is not read."""
+    msd = get_model_state_dict(model, options=_OPTS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": msd}, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_model_state_dict(model, msd, options=_LOAD_OPTS)
+
+
 def _sharded(model) -> bool:
     from torch.distributed.tensor import DTensor
 

@@ -442,7 +442,10 @@ class Trainer:
             self.log(f"train.load_best_at_end: the best checkpoint (step {self.best_step}) is missing; "
                      "final/ keeps the last weights")
             return False
-        ck.load_model_files(self.model, path, self.is_lora)
+        if dcp_ck.is_dcp(path):  # every rank reads its part (FSDP2 shards have no plain files)
+            dcp_ck.load_weights(path, self.model)
+        else:
+            ck.load_model_files(self.model, path, self.is_lora)
         self.log(f"final weights: the best evaluation's, step {self.best_step} "
                  f"({self.t.early_stopping_metric} {self.best:.4g}; train.load_best_at_end)")
         return True

@@ -259,6 +259,39 @@ def test_fsdp_lora_exports_the_single_process_adapter_and_resumes_on_one_rank(ti
         assert x["loss"] == pytest.approx(y["loss"], rel=LOSS_REL)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the test reads the DCP files alone
+@pytest.mark.parametrize("scenario, lr", [("fsdp_lora", "0.3"), ("fsdp_full", "0.05")])
+def test_fsdp_load_best_at_end(tiny, tmp_path, scenario, lr):
+    """Early stopping with train.load_best_at_end on 2 FSDP2 ranks: final/ holds the best DCP
+    checkpoint's weights, read back into the shards (not the last step's). The lr is high enough
+    that the held-out loss gets worse after its best step (so the check can fail)."""
+    import json
+
+    import torch.distributed.checkpoint as tdcp
+    from safetensors.torch import load_file
+
+    (tmp_path / "r").mkdir()
+    wait_all(fastft_ranks(tiny, tmp_path / "r", *dist_worker.SCENARIOS[scenario], "--train.max_steps", "8",
+                          "--train.batch_size", "4", "--train.lr", lr, "--train.max_grad_norm", "0",
+                          "--train.eval_every", "1", "--train.early_stopping_patience", "3"))
+    evals = [r for r in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if r["event"] == "eval"]
+    best = min(evals[1:], key=lambda r: r["eval_loss"])["step"]
+    last = evals[-1]["step"]
+    assert best < last  # the run went on past its best evaluation
+    ckpt = tmp_path / "r" / "checkpoints" / f"step-{best:06d}"
+    if scenario == "fsdp_lora":
+        final = load_file(str(tmp_path / "r" / "final" / "adapter" / "adapter_model.safetensors"))
+        saved = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    else:
+        final = final_weights(tmp_path / "r")
+        box = {"model": {k: torch.empty_like(v) for k, v in final.items()}}
+        tdcp.load(box, checkpoint_id=str(ckpt / "dcp"))
+        saved = box["model"]
+    assert final.keys() == saved.keys()
+    for n in final:
+        assert torch.equal(final[n], saved[n]), n
+
+
 def test_dropout_resume_equals_uninterrupted_on_every_rank(tiny, tmp_path):
     """Dropout on, 2 ranks (DDP LoRA): resuming from the step-2 checkpoint repeats steps 3-4 of
     the uninterrupted run exactly, which needs every rank's RNG state (with only rank 0's, rank
