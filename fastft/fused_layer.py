@@ -5,9 +5,10 @@ time in serial host work (Python, the dispatcher, one autograd node per view, ma
 on a 64-token step put the second core idle 56% of the time) and a few percent in passes the
 layer structure makes redundant (the residual adds as separate ops, the autograd engine summing
 the three q/k/v input gradients). Here a decoder layer is one :class:`torch.autograd.Function`
-whose forward and backward call the fused ops' own ``Function.forward``/``backward`` directly
-(:class:`_Ctx` stands in for autograd's ctx), so every backend (cpu, triton, cuda) and every
-projection kind is the code the per-op path runs, with the same rounding:
+whose forward and backward call the fused ops' public forward/backward pairs (``rms_norm_fwd`` /
+``rms_norm_bwd`` and the like: the very functions each op's own autograd.Function calls), so
+every backend (cpu, triton, cuda) and every projection kind is the code the per-op path runs,
+with the same rounding:
 
     x1 = rms_norm(h)            q, k, v = proj(x1)     q, k = rope(q, k)
     o  = causal_attention(q, k, v)                     h2 = h + o_proj(o)
@@ -41,33 +42,24 @@ from torch import Tensor, nn
 
 from fastft import _backend
 from fastft.lora import Int8Linear, LoRALinear
+from fastft.ops.attention import attention_bwd, attention_fwd, attention_kernel_ok
+from fastft.ops.lora_linear import (Int8Weight, int8_linear_bwd, int8_linear_fwd, linear_backend, lora_linear_bwd,
+                                    lora_linear_fwd)
+from fastft.ops.rms_norm import rms_norm_bwd, rms_norm_fwd, rms_norm_kernel_ok
+from fastft.ops.rope import rope_bwd, rope_fwd, rope_kernel_ok
+from fastft.ops.swiglu import swiglu_bwd, swiglu_fwd
+
 try:  # FSDP2's per-module state (its hooks are bound methods of it); absent without distributed
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState as _FSDPState
 except ImportError:
     class _FSDPState:  # nothing is an instance
         pass
-from fastft.ops.attention import _GPU_MAX_HEAD_DIM, _KERNEL_DTYPES as _ATTN_DTYPES, _AttentionFn
-from fastft.ops.lora_linear import Int8Weight, _device_ok, _Int8LinearFn, _LoRALinearFn, int8_backward, lora_backward
-from fastft.ops.rms_norm import _kernel_ok as _rms_kernel_ok, _RMSNormFn
-from fastft.ops.rope import _kernel_ok as _rope_kernel_ok, _RoPEFn
-from fastft.ops.swiglu import _SwiGLUFn
 
 __all__ = ["layer_plan", "fused_layer_forward"]
 
 _PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # HF attention kwargs that change the maths (as in hf_fast's SDPA dispatcher)
 _ATTN_EXTRAS = ("softcap", "position_bias", "cache", "s_aux", "sinks")
-
-
-class _Ctx:
-    """Stands in for autograd's ctx when an op's ``Function.forward``/``backward`` is called
-    directly: holds what the op saves and says which inputs need a gradient."""
-
-    def __init__(self, needs_input_grad: tuple):
-        self.needs_input_grad = needs_input_grad
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,11 +85,6 @@ def _lora_params(m: nn.Module) -> list[Tensor]:
     return [m.lora_A.weight, m.lora_B.weight] if isinstance(m, LoRALinear) else []
 
 
-def _int8_backend(w, x2: Tensor) -> str:
-    be = _backend.choose_backend("int8_linear", x2.device)
-    return "torch" if be in ("triton", "cuda") and not _device_ok(w, x2) else be
-
-
 def _proj_fwd(m: nn.Module, kind: str, x: Tensor):
     """y = m(x) for a 2-D contiguous x; returns (y, state for :func:`_proj_bwd`)."""
     if kind == "linear":
@@ -105,24 +92,20 @@ def _proj_fwd(m: nn.Module, kind: str, x: Tensor):
     if kind == "int8":
         w = m.weight_int8()
         bias = m.bias.to(x.dtype) if m.bias is not None and m.bias.dtype != x.dtype else m.bias
-        c = _Ctx((True, False, False))
-        return _Int8LinearFn.forward(c, x, w.qweight, bias, w, _int8_backend(w, x)), c
+        return int8_linear_fwd(x, w, bias, linear_backend(w, x))
     base = m._base_weight()
     A, B = m.lora_A.weight, m.lora_B.weight
     bias = m.base_layer.bias
     bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
-    base_t = base.qweight if isinstance(base, Int8Weight) else base
-    c = _Ctx((True, False, A.requires_grad, B.requires_grad, False))
     p = m.dropout if m.training else 0.0
-    y = _LoRALinearFn.forward(c, x, base_t, A, B, bias, base, float(m.scaling), float(p), _int8_backend(base, x))
-    return y, c
+    return lora_linear_fwd(x, base, A, B, bias, float(m.scaling), float(p), linear_backend(base, x))
 
 
 def _proj_bwd(m: nn.Module, kind: str, state, dy: Tensor, need_x: bool, grads: dict):
     """dX (or None when not needed) for dY; LoRA weight grads go into ``grads``.
 
     Sums of input gradients (q/k/v, gate/up) are separate bf16 adds, as autograd does on the
-    per-op path, not the GEMMs' accumulate (``acc=`` of lora_backward/int8_backward): the
+    per-op path, not the GEMMs' accumulate (``acc=`` of lora_linear_bwd/int8_linear_bwd): the
     accumulate was within noise in the step (40 paired steps: 1.008, benchmarks/README.md Step 7)
     and, on an AVX2-only EPYC, put the int8 LoRA gradients' bf16 error at 2.18x the per-op
     path's (o_proj.lora_A, tests/test_fused_layer.py) against 1.18x with separate adds."""
@@ -133,12 +116,11 @@ def _proj_bwd(m: nn.Module, kind: str, state, dy: Tensor, need_x: bool, grads: d
     if kind == "int8":
         if not need_x:
             return None
-        state.needs_input_grad = (True, False, False)
-        return int8_backward(state, dy)[0]
-    state.needs_input_grad = (need_x,) + state.needs_input_grad[1:]
-    dx, _, dA, dB = lora_backward(state, dy)[:4]
-    grads[m.lora_A.weight] = dA
-    grads[m.lora_B.weight] = dB
+        return int8_linear_bwd(state, dy)[0]
+    A, B = m.lora_A.weight, m.lora_B.weight
+    dx, dA, dB, _ = lora_linear_bwd(state, dy, need_x, A.requires_grad, B.requires_grad)
+    grads[A] = dA
+    grads[B] = dB
     return dx
 
 
@@ -177,7 +159,7 @@ def layer_plan(layer: nn.Module, hidden_states: Tensor, attention_mask, past_key
     if attn.training and attn.attention_dropout:
         return None
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if hidden_states.dtype not in _ATTN_DTYPES or hidden_states.dim() != 3:
+    if hidden_states.dim() != 3:
         return None
     if getattr(mlp, "_fastft_fused", False) is False or not getattr(attn, "_fastft_attention", False):
         return None
@@ -192,9 +174,10 @@ def layer_plan(layer: nn.Module, hidden_states: Tensor, attention_mask, past_key
     backends = {op: _backend.choose_backend(op, dev) for op in ("rms_norm", "swiglu", "rope", "attention")}
     if "torch" in backends.values():
         return None
-    if any(n.weight.requires_grad or not _rms_kernel_ok(hidden_states, n.weight, backends["rms_norm"]) for n in norms):
+    if any(n.weight.requires_grad or not rms_norm_kernel_ok(hidden_states, n.weight, backends["rms_norm"])
+           for n in norms):
         return None
-    if backends["attention"] in ("triton", "cuda") and attn.head_dim > _GPU_MAX_HEAD_DIM:
+    if not attention_kernel_ok(hidden_states.dtype, attn.head_dim, backends["attention"]):
         return None
     cos, sin = position_embeddings
     if cos.dtype != hidden_states.dtype or cos.dim() != 3 or cos.requires_grad or sin.requires_grad:
@@ -218,8 +201,7 @@ class _DecoderLayerFn(torch.autograd.Function):
         n1, n2 = plan.norms
         x = h.reshape(B * T, H)
         x = x if x.is_contiguous() else x.contiguous()
-        c_n1 = _Ctx((True, False, False, False))
-        x1 = _RMSNormFn.forward(c_n1, x, n1.weight, n1.variance_epsilon, be["rms_norm"])
+        x1, c_n1 = rms_norm_fwd(x, n1.weight, n1.variance_epsilon, be["rms_norm"])
         states = []
         ys = []
         for m, kind in zip(plan.projs[:3], plan.kinds[:3]):
@@ -228,25 +210,21 @@ class _DecoderLayerFn(torch.autograd.Function):
             states.append(st)
         q, k, v = ys
         q4, k4, v4 = q.view(B, T, hq, d), k.view(B, T, hkv, d), v.view(B, T, hkv, d)
-        if not _rope_kernel_ok(q4, k4, cos, sin, 2):
+        if not rope_kernel_ok(q4, k4, cos, sin, 2):
             raise RuntimeError("fused decoder layer: rotary table does not fit the kernel")  # plan checked
-        c_rope = _Ctx((True, True, False, False, False, False))
-        qr, kr = _RoPEFn.forward(c_rope, q4, k4, cos, sin, 2, be["rope"])
-        c_att = _Ctx((True, True, True, False, False))
-        o = _AttentionFn.forward(c_att, qr.transpose(1, 2), kr.transpose(1, 2), v4.transpose(1, 2),
+        qr, kr, c_rope = rope_fwd(q4, k4, cos, sin, 2, be["rope"])
+        o, c_att = attention_fwd(qr.transpose(1, 2), kr.transpose(1, 2), v4.transpose(1, 2),
                                  float(attn.scaling), be["attention"], plan.segments)
         o2 = o.transpose(1, 2).reshape(B * T, hq * d)  # a view: the kernel writes (B, T, Hq, D)
         a, st = _proj_fwd(plan.projs[3], plan.kinds[3], o2)
         states.append(st)
         h2 = a.add_(x)  # residual + attention (bf16 add commutes: HF's rounding)
-        c_n2 = _Ctx((True, False, False, False))
-        x2 = _RMSNormFn.forward(c_n2, h2, n2.weight, n2.variance_epsilon, be["rms_norm"])
+        x2, c_n2 = rms_norm_fwd(h2, n2.weight, n2.variance_epsilon, be["rms_norm"])
         g, st = _proj_fwd(plan.projs[4], plan.kinds[4], x2)
         states.append(st)
         u, st = _proj_fwd(plan.projs[5], plan.kinds[5], x2)
         states.append(st)
-        c_sw = _Ctx((True, True, False))
-        act = _SwiGLUFn.forward(c_sw, g, u, be["swiglu"])
+        act, c_sw = swiglu_fwd(g, u, be["swiglu"])
         y, st = _proj_fwd(plan.projs[6], plan.kinds[6], act)
         states.append(st)
         out = y.add_(h2)
@@ -270,13 +248,13 @@ class _DecoderLayerFn(torch.autograd.Function):
         dy = dout.reshape(B * T, H)
         dy = dy if dy.is_contiguous() else dy.contiguous()
         dact = _proj_bwd(P[6], K[6], st[6], dy, True, grads)
-        dg, du = _SwiGLUFn.backward(c_sw, dact)[:2]
+        dg, du = swiglu_bwd(c_sw, dact)
         dx2 = _proj_bwd(P[4], K[4], st[4], dg, True, grads)
         dx2 = dx2.add_(_proj_bwd(P[5], K[5], st[5], du, True, grads))
-        dh2 = _RMSNormFn.backward(c_n2, dx2)[0].add_(dy)
+        dh2 = rms_norm_bwd(c_n2, dx2, need_weight=False)[0].add_(dy)
         do = _proj_bwd(P[3], K[3], st[3], dh2, True, grads)
-        dq, dk, dv = _AttentionFn.backward(c_att, do.view(B, T, hq, d).transpose(1, 2))[:3]
-        dq, dk = _RoPEFn.backward(c_rope, dq.transpose(1, 2), dk.transpose(1, 2))[:2]
+        dq, dk, dv = attention_bwd(c_att, do.view(B, T, hq, d).transpose(1, 2))
+        dq, dk = rope_bwd(c_rope, dq.transpose(1, 2), dk.transpose(1, 2))
         need_h = ctx.needs_input_grad[0]
         dx1 = None
         for m, kind, s, g in zip(P[:3], K[:3], st[:3], (dq, dk, dv.transpose(1, 2))):
@@ -284,7 +262,7 @@ class _DecoderLayerFn(torch.autograd.Function):
             dx1 = dx if dx1 is None or dx is None else dx1.add_(dx)
         dh = None
         if need_h:
-            dh = _RMSNormFn.backward(c_n1, dx1)[0].add_(dh2).view(B, T, H)
+            dh = rms_norm_bwd(c_n1, dx1, need_weight=False)[0].add_(dh2).view(B, T, H)
         ctx.states = ctx.op_ctx = None  # free the saved activations as soon as possible
         return (dh, None, None, None, *(grads.get(p) for p in plan.params))
 

@@ -49,9 +49,9 @@ from fastft import recompute
 from fastft.fused_layer import fused_layer_forward, layer_plan
 from fastft.ops.attention import causal_attention, packed_rows_supported
 from fastft.ops.segments import Segments
-from fastft.ops.rms_norm import _RMSNormFn, rms_norm
+from fastft.ops.rms_norm import rms_norm, rms_norm_node_backend
 from fastft.ops.rope import rope
-from fastft.ops.swiglu import _SwiGLUFn, swiglu
+from fastft.ops.swiglu import swiglu, swiglu_node_backend
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "fallbacks", "packed_segments", "patch_blocks", "routes_attention", "supported",
            "unpatch_blocks"]
@@ -154,10 +154,9 @@ def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     # q/k/v or gate/up need not save y again for their weight gradients: it is rebuilt from those
     # in backward (fastft/recompute.py; 2 x 1.125 MiB per SmolLM2 layer at 4x256 bf16). The
     # reference path saves fp32 copies instead of x: nothing to gain there.
-    if (recompute.active() and type(y.grad_fn) is _RMSNormFn._backward_cls
-            and hidden_states.is_contiguous()):
-        recompute.register(y, rms_norm, hidden_states, self.weight, self.variance_epsilon,
-                           y.grad_fn.backend)
+    backend = rms_norm_node_backend(y) if recompute.active() else None
+    if backend is not None and hidden_states.is_contiguous():
+        recompute.register(y, rms_norm, hidden_states, self.weight, self.variance_epsilon, backend)
     return y
 
 
@@ -166,9 +165,9 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     h = swiglu(gate, up)
     # The fused op saves gate and up (contiguous: the same storages): down_proj's saved copy of h
     # is rebuilt from them in backward (fastft/recompute.py; 3 MiB per SmolLM2 layer).
-    if (recompute.active() and type(h.grad_fn) is _SwiGLUFn._backward_cls
-            and gate.is_contiguous() and up.is_contiguous()):
-        recompute.register(h, swiglu, gate, up, h.grad_fn.backend)
+    backend = swiglu_node_backend(h) if recompute.active() else None
+    if backend is not None and gate.is_contiguous() and up.is_contiguous():
+        recompute.register(h, swiglu, gate, up, backend)
     return self.down_proj(h)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastft.errors import ConfigError, UserError
-from fastft.ops.adamw import (AdamWGroup, _state_ptrs, fused_adamw, grad_sumsq, split_master_decode,
+from fastft.ops.adamw import (AdamWGroup, fused_adamw, grad_sumsq, group_state_ptrs, split_master_decode,
                               split_master_encode)
 
 try:  # torch built without distributed support has no DTensor
@@ -385,7 +385,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 key = tuple(map(id, params))
                 hit = self._ptr_cache.get(gi)
                 if hit is None or hit[0] != key:
-                    hit = self._ptr_cache[gi] = (key, _state_ptrs(ag))
+                    hit = self._ptr_cache[gi] = (key, group_state_ptrs(ag))
                 ag.state_ptrs = hit[1]
             groups.append(ag)
         return groups

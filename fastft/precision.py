@@ -92,23 +92,33 @@ def keep_fp32_weights(model: nn.Module, ft_cfg) -> dict[str, int]:
         return counts
     run_dtype = low[0]
     model._fastft_run_dtype = run_dtype  # for record_run_dtype (HF would record fp32 on save)
+    remove_fp32_hooks(model)  # a second call (the next Recipe trial) must not stack casts
+    hooks = model._fastft_fp32_hooks = []
     train = trainable_eventually(model, ft_cfg)
     emb = model.get_input_embeddings()
     w = getattr(emb, "weight", None)
     if isinstance(w, nn.Parameter) and id(w) in train and w.dtype in _LOW:
         _to_fp32(w)
-        emb.register_forward_hook(_cast_output_to(run_dtype))
+        hooks.append(emb.register_forward_hook(_cast_output_to(run_dtype)))
         counts["embedding"] = 1
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None and getattr(head, "weight", None) is w:
-            head.register_forward_pre_hook(_cast_input_to_fp32)
+            hooks.append(head.register_forward_pre_hook(_cast_input_to_fp32))
             counts["tied_head"] = 1
     for m in model.modules():
         if _is_rms_norm(m) and id(m.weight) in train and m.weight.dtype in _LOW:
             _to_fp32(m.weight)
-            m.register_forward_hook(_cast_output_to_input)
+            hooks.append(m.register_forward_hook(_cast_output_to_input))
             counts["rms_norm"] += 1
     return counts
+
+
+def remove_fp32_hooks(model: nn.Module) -> None:
+    """Undo the casts :func:`keep_fp32_weights` hooked in (``Recipe.reset`` before the next
+    trial: a trial that freezes the tied embedding again must not get the fp32 head cast)."""
+    for h in getattr(model, "_fastft_fp32_hooks", ()):
+        h.remove()
+    model._fastft_fp32_hooks = []
 
 
 def record_run_dtype(model: nn.Module, folder) -> None:

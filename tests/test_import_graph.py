@@ -115,3 +115,51 @@ def test_ops_exports_functions():
     for f in (fused_linear_cross_entropy, lora_linear, causal_attention, rms_norm, swiglu, rope):
         assert inspect.isfunction(f), f
     assert inspect.isfunction(ops.rms_norm) and inspect.isfunction(ops.fused_linear_cross_entropy)
+
+
+def _private_ops_uses(mods: dict[str, Path]) -> list[str]:
+    """``module: name`` for every underscore-prefixed name a fastft module takes from another
+    module of ``fastft.ops`` (``from fastft.ops.x import _y``, or ``alias._y`` on an imported ops
+    module): fused layers and the optimizer must call the ops' public functions."""
+    found = []
+    for name, f in mods.items():
+        tree = ast.parse(f.read_text())
+        aliases: dict[str, str] = {}  # local name -> the fastft.ops module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastft.ops") and not node.level:
+                if node.module == name:
+                    continue
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{name}: from {node.module} import {a.name}")
+                    elif f"{node.module}.{a.name}" in mods:  # a submodule (segments, adamw, ...)
+                        aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("fastft.ops") and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and aliases[node.value.id] != name and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                found.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and ast.unparse(node.value).startswith("fastft.ops")):
+                found.append(f"{name}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_ops_names_outside_their_module():
+    mods = _modules()
+    assert "fastft.ops.rms_norm" in mods
+    found = _private_ops_uses(mods)
+    assert not found, "private names of fastft.ops used elsewhere (make them public functions):\n" + "\n".join(found)
+
+
+def test_the_private_ops_checker_finds_a_use(tmp_path):
+    f = tmp_path / "layer.py"
+    f.write_text("from fastft.ops.rms_norm import _RMSNormFn, rms_norm\nimport fastft.ops.rope as r\nr._RoPEFn\n")
+    g = tmp_path / "rms.py"
+    g.write_text("from fastft.ops.rms_norm import _check\n")
+    found = _private_ops_uses({"fastft.layer": f, "fastft.ops.rms_norm": g})
+    assert found == ["fastft.layer: from fastft.ops.rms_norm import _RMSNormFn", "fastft.layer: fastft.ops.rope._RoPEFn"]

@@ -66,3 +66,17 @@ def test_import_falls_back_without_extension():
     lines = out.stdout.split()
     assert lines[:2] == ["torch", "torch"]
     assert lines[2] == "1"
+
+
+def test_every_package_ships():
+    """pyproject.toml lists fastft's packages by hand (kernels/ ships through a symlink, which
+    discovery would not follow); a new package folder missing from the list is left out of a
+    wheel install (fastft.models and fastft.train once were)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "fastft").rglob("__init__.py")}
+    assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
+    assert "fastft.kernels" in listed

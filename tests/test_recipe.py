@@ -100,3 +100,22 @@ def test_full_trial_needs_keep_base(tiny, tmp_path, one_thread):
     kept.adapt()
     for n, p in kept.model.named_parameters():
         assert torch.equal(p, base[n]), n
+
+
+def test_trials_do_not_stack_fp32_casts(tiny, tmp_path, one_thread):
+    """A bf16 full trial keeps the trainable embedding and norms in fp32 with cast hooks
+    (fastft/precision.py); reset() removes them with the fp32 copies, so trial after trial the
+    model carries one set (they used to pile up, and a later trial that froze the tied embedding
+    kept the fp32 head cast)."""
+    cfg = load_config(None, _args(tiny, tmp_path / "f", "--finetune.mode", "full", "--model.dtype", "bf16"))
+    recipe = Recipe(cfg, log=lambda s: None, keep_base=True)
+    recipe.load()
+    recipe.adapt()
+    emb = recipe.model.get_input_embeddings()
+    norm = recipe.model.model.norm
+    assert emb.weight.dtype == torch.float32 and len(emb._forward_hooks) == 1 and len(norm._forward_hooks) == 1
+    recipe.reset()
+    assert emb.weight.dtype == torch.bfloat16 and not emb._forward_hooks and not norm._forward_hooks
+    recipe.adapt()
+    recipe.adapt()
+    assert len(emb._forward_hooks) == 1 and len(norm._forward_hooks) == 1

@@ -40,7 +40,8 @@ from fastft import _backend
 from fastft.errors import UserError
 
 __all__ = ["AdamWGroup", "StepResult", "adamw_reference", "clip_grad_norm_", "fused_adamw",
-           "grad_norm", "grad_sumsq", "kernel_dtype_ok", "split_master_decode", "split_master_encode"]
+           "grad_norm", "grad_sumsq", "group_state_ptrs", "kernel_dtype_ok", "split_master_decode",
+           "split_master_encode"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -333,7 +334,7 @@ def _step_cpu(groups, max_grad_norm, grad_scale, found_inf) -> StepResult:
     cols: list[list] = [[] for _ in range(12)]
     hparams = []
     for k, g in enumerate(groups):
-        ptrs = g.state_ptrs or _state_ptrs(g)
+        ptrs = g.state_ptrs or group_state_ptrs(g)
         p, gr = g.params, g.grads
         cols[0] += [x.data_ptr() for x in p]
         cols[1] += [x.data_ptr() for x in gr]
@@ -350,9 +351,10 @@ def _step_cpu(groups, max_grad_norm, grad_scale, found_inf) -> StepResult:
                       torch.tensor(bool(skipped)))
 
 
-def _state_ptrs(g: AdamWGroup) -> tuple:
-    """(exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel, param dtype, master is split)
-    columns; checks the masters (cached by FusedAdamW, so once per state change)."""
+def group_state_ptrs(g: AdamWGroup) -> tuple:
+    """The C++ step's per-tensor address columns of a group (FusedAdamW caches them as the group's
+    ``state_ptrs``): (exp_avg, exp_avg_sq, max_exp_avg_sq, master, step, numel, param dtype,
+    master is split) columns; checks the masters (cached by FusedAdamW, so once per state change)."""
     n = len(g.params)
     for i, (p, m) in enumerate(zip(g.params, g.masters)):
         _check_master(p, m, f"param {i}")
@@ -461,7 +463,7 @@ def _cuda_step(groups: list[AdamWGroup], ctrl: Tensor, table: Tensor) -> None:
         n = len(g.params)
         if n == 0:
             continue
-        m_, v_, vm_, w_, _s, numel, pdt, split = _state_ptrs(g)
+        m_, v_, vm_, w_, _s, numel, pdt, split = group_state_ptrs(g)
         ext.adamw_step([x.data_ptr() for x in g.params], [x.data_ptr() for x in g.grads], m_, v_,
                        vm_, w_, numel, pdt, [_backend.DTYPE_CODES[x.dtype] for x in g.grads],
                        table[row:row + n].data_ptr(), ctrl.data_ptr(), 1.0 - g.beta1, g.beta2, g.eps,

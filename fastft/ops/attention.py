@@ -40,6 +40,7 @@ head dims above 256. :func:`attention_reference` (fp32 maths, materialised score
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ from torch import Tensor
 from fastft import _backend
 from fastft.ops.segments import Segments, segments_from_cu_seqlens, segments_from_ids, segments_from_position_ids
 
-__all__ = ["attention_reference", "causal_attention", "packed_rows_supported", "Segments"]
+__all__ = ["AttentionSaved", "Segments", "attention_bwd", "attention_fwd", "attention_kernel_ok",
+           "attention_reference", "causal_attention", "packed_rows_supported"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest head dim of the GPU kernels (kernels/attention.py MAX_HEAD_DIM, csrc/cuda/attention.cu
@@ -106,38 +108,75 @@ def _bthd(b: int, t: int, h: int, d: int, like: Tensor) -> Tensor:
     return torch.empty(b, t, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-class _AttentionFn(torch.autograd.Function):
-    @staticmethod
-    @_backend.on_input_device
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str,
-                segments: Segments | None = None) -> Tensor:
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        b, hq, t, d = q.shape
-        hkv = k.shape[1]
-        out = _bthd(b, t, hq, d, q)
-        lse = torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
-        start, end = (None, None) if segments is None else (segments.start, segments.end)
-        if backend == "cpu":
-            _backend.cpu_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
-                                             _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
-                                             b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
-                                             *_seg_args(start))
-        elif backend == "triton":
-            from fastft.kernels.attention import attention_fwd_triton
-            attention_fwd_triton(q, k, v, out, lse, float(scale), start, end)
-        else:
-            _backend.cuda_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
-                                              _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
-                                              b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
-                                              torch.cuda.current_stream(q.device).cuda_stream, *_seg_args(start))
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.backend, ctx.segments = scale, backend, segments
-        return out
+def attention_kernel_ok(dtype: torch.dtype, head_dim: int, backend: str) -> bool:
+    """Whether the fused kernels of ``backend`` run this dtype and head dim (:func:`attention_fwd`
+    needs it; otherwise :func:`causal_attention` runs PyTorch's SDPA)."""
+    return dtype in _KERNEL_DTYPES and not (backend in ("triton", "cuda") and head_dim > _GPU_MAX_HEAD_DIM)
 
-    @staticmethod
-    @_backend.on_input_device
-    def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+
+class AttentionSaved(NamedTuple):
+    """What :func:`attention_fwd` keeps for :func:`attention_bwd`."""
+
+    q: Tensor  # (B, Hq, T, D), last dim contiguous
+    k: Tensor  # (B, Hkv, T, D)
+    v: Tensor  # (B, Hkv, T, D)
+    out: Tensor  # (B, Hq, T, D) view of a (B, T, Hq, D)-contiguous tensor
+    lse: Tensor  # (B, Hq, T) fp32 log-sum-exp of the scaled scores
+    scale: float
+    backend: str
+    segments: Segments | None
+
+
+@_backend.on_input_device
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str,
+                  segments: Segments | None = None) -> tuple[Tensor, AttentionSaved]:
+    """The fused causal attention forward on one kernel backend, without autograd (for callers
+    building their own autograd node, with :func:`attention_bwd`; :func:`causal_attention` is the
+    differentiable op with the input checks and fallbacks).
+
+    Args:
+        q: (B, Hq, T, D); k, v: (B, Hkv, T, D), Hq % Hkv == 0; one dtype accepted by
+            :func:`attention_kernel_ok`; any strides (a strided last dim is copied).
+        scale: score multiplier.
+        backend: ``cpu``, ``triton`` or ``cuda``.
+        segments: packed-row layout ((B, T)) or None for causal rows.
+    Returns:
+        (out, saved): out (B, Hq, T, D) in q's dtype, a view of a (B, T, Hq, D)-contiguous tensor.
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    out = _bthd(b, t, hq, d, q)
+    lse = torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
+    start, end = (None, None) if segments is None else (segments.start, segments.end)
+    if backend == "cpu":
+        _backend.cpu_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
+                                         _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
+                                         b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
+                                         *_seg_args(start))
+    elif backend == "triton":
+        from fastft.kernels.attention import attention_fwd_triton
+        attention_fwd_triton(q, k, v, out, lse, float(scale), start, end)
+    else:
+        _backend.cuda_ext().attention_fwd(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
+                                          _strides(v), out.data_ptr(), _strides(out), lse.data_ptr(),
+                                          b, hq, hkv, t, d, float(scale), _backend.DTYPE_CODES[q.dtype],
+                                          torch.cuda.current_stream(q.device).cuda_stream, *_seg_args(start))
+    return out, AttentionSaved(q, k, v, out, lse, scale, backend, segments)
+
+
+def attention_bwd(saved: AttentionSaved, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_fwd`.
+
+    Args:
+        saved: the forward's second result.
+        dout: (B, Hq, T, D) gradient of out (any strides with a contiguous last dim, else copied).
+    Returns:
+        (dq, dk, dv): shaped like q, k, v, each a (B, H, T, D) view of a (B, T, H, D)-contiguous
+        tensor, in q's dtype.
+    """
+    q, k, v, out, lse = saved.q, saved.k, saved.v, saved.out, saved.lse
+    with _backend.device_of(q):
         dout = _last_dim_contiguous(dout)
         b, hq, t, d = q.shape
         hkv = k.shape[1]
@@ -145,17 +184,33 @@ class _AttentionFn(torch.autograd.Function):
         args = (q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
                 out.data_ptr(), _strides(out), dout.data_ptr(), _strides(dout), lse.data_ptr(),
                 dq.data_ptr(), _strides(dq), dk.data_ptr(), _strides(dk), dv.data_ptr(), _strides(dv),
-                b, hq, hkv, t, d, float(ctx.scale), _backend.DTYPE_CODES[q.dtype])
-        seg = getattr(ctx, "segments", None)
+                b, hq, hkv, t, d, float(saved.scale), _backend.DTYPE_CODES[q.dtype])
+        seg = saved.segments
         start, end = (None, None) if seg is None else (seg.start, seg.end)
-        if ctx.backend == "cpu":
+        if saved.backend == "cpu":
             _backend.cpu_ext().attention_bwd(*args, *_seg_args(start))
-        elif ctx.backend == "triton":
+        elif saved.backend == "triton":
             from fastft.kernels.attention import attention_bwd_triton
-            attention_bwd_triton(q, k, v, out, dout, lse, dq, dk, dv, float(ctx.scale), start, end)
+            attention_bwd_triton(q, k, v, out, dout, lse, dq, dk, dv, float(saved.scale), start, end)
         else:
             _backend.cuda_ext().attention_bwd(*args, torch.cuda.current_stream(q.device).cuda_stream,
                                               *_seg_args(start, end))
+    return dq, dk, dv
+
+
+class _AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str,
+                segments: Segments | None = None) -> Tensor:
+        out, s = attention_fwd(q, k, v, scale, backend, segments)
+        ctx.save_for_backward(s.q, s.k, s.v, s.out, s.lse)
+        ctx.scale, ctx.backend, ctx.segments = scale, backend, segments
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        saved = AttentionSaved(*ctx.saved_tensors, ctx.scale, ctx.backend, ctx.segments)
+        dq, dk, dv = attention_bwd(saved, dout)
         return dq, dk, dv, None, None, None
 
 
@@ -308,8 +363,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
                                 f"fastft: the built {backend} extension predates packed rows; they run the "
                                 "pure-PyTorch path until it is rebuilt (pip install -e . / setup.py build_ext)")
             backend = "torch"
-    if (backend == "torch" or q.dtype not in _KERNEL_DTYPES
-            or (backend in ("triton", "cuda") and q.shape[-1] > _GPU_MAX_HEAD_DIM)):
+    if backend == "torch" or not attention_kernel_ok(q.dtype, q.shape[-1], backend):
         if seg is not None:
             return _segment_attention_torch(q, k, v, scale, seg)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,

@@ -18,7 +18,7 @@ the column above a threshold) are kept in 16 bits and their q column is 0. The G
 dequantised tiles (blocks of output rows forward, blocks of input columns backward) that stay
 in cache: a full dequantised copy of W is never materialised.
 
-Backends (one choice in :func:`_int8_backend`, op key ``int8_linear``): ``cpu`` (tile dequant in
+Backends (one choice in :func:`linear_backend`, op key ``int8_linear``): ``cpu`` (tile dequant in
 csrc/cpu/int8_linear.cpp + oneDNN GEMM per tile), ``triton`` (kernels/lora_linear.py: int8
 dequant in the GEMM main loop, LoRA/outlier low-rank term in the epilogue), ``cuda``
 (csrc/cuda/int8_linear.cu, same structure), ``torch`` (the same tiles dequantised by torch).
@@ -29,13 +29,16 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastft import _backend
 
-__all__ = ["Int8Weight", "quantize_int8", "int8_linear", "lora_linear", "lora_linear_reference", "dropout_mask"]
+__all__ = ["Int8Saved", "Int8Weight", "LoRASaved", "dropout_mask", "int8_backward", "int8_linear",
+           "int8_linear_bwd", "int8_linear_fwd", "linear_backend", "lora_backward", "lora_linear",
+           "lora_linear_bwd", "lora_linear_fwd", "lora_linear_reference", "quantize_int8"]
 
 # Output rows (forward) / input columns (backward) per dequantised tile. 512 rows x 2048 bf16 =
 # 2 MiB. Measured (N=4096, in=out=2048, bf16, 2 threads): tile 512 = 1.00x the plain bf16 GEMM,
@@ -203,8 +206,22 @@ def lora_linear_reference(x: Tensor, base, lora_A: Tensor, lora_B: Tensor, scali
 # ----------------------------------------------------------------------------------------------
 # Base GEMMs (y = x Wᵀ and dX = dY W) on float or int8 weights, per backend
 # ----------------------------------------------------------------------------------------------
-def _int8_backend(device) -> str:
-    return _backend.choose_backend("int8_linear", device)
+def linear_backend(base, x2: Tensor, forced: str | None = None) -> str:
+    """The backend that runs :func:`lora_linear_fwd` / :func:`int8_linear_fwd` for this weight and
+    input (op key ``int8_linear``): the Triton/CUDA kernels take contiguous (out, in) weights and
+    non-empty fp32/bf16/fp16 inputs; anything else on those devices runs the torch tiles.
+
+    Args:
+        base: (out, in) float weight or :class:`Int8Weight`.
+        x2: (N, in) input.
+        forced: backend name overriding ``FASTFT_BACKEND``.
+    """
+    be = _backend.choose_backend("int8_linear", x2.device, forced)
+    if be in ("triton", "cuda"):
+        w = base.qweight if isinstance(base, Int8Weight) else base
+        if not (w.is_contiguous() and x2.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2.numel() > 0):
+            return "torch"
+    return be
 
 
 def _dequant_tile(base: Int8Weight, r0, r1, c0, c1, dtype, backend: str) -> Tensor:
@@ -331,41 +348,65 @@ def _add_masked_lora_dx(dx: Tensor, v: Tensor, A: Tensor, scaling: float, seed: 
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd.Function
+# Forward/backward pairs (no autograd) and their autograd.Functions
 # ----------------------------------------------------------------------------------------------
-class _LoRALinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, base_t, A, B, bias, base, scaling, p, backend):
-        # x: (N, in) contiguous; base_t: W (float) or qweight (only so autograd sees a tensor);
-        # A, B: LoRA params (any float dtype; the maths runs in x's dtype)
-        seed = _draw_seed() if p > 0 else 0
-        Ar, Br = A.to(x.dtype), B.to(x.dtype)
-        xd = _apply_dropout(x, seed, p) if p > 0 else x
-        if backend == "triton" or backend == "cuda":
-            y, u = _device_forward(x, xd, base, Ar, Br, bias, scaling, backend)
-        else:
-            y = _base_forward(x, base, bias, backend)
-            u = xd @ Ar.T  # (N, r)
-            y.addmm_(u, Br.T, alpha=scaling)  # in place: no (N, out) temporary
-        ctx.save_for_backward(xd, u, A, B)
-        ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend = base, scaling, p, seed, backend
-        return y
+class LoRASaved(NamedTuple):
+    """What :func:`lora_linear_fwd` keeps for :func:`lora_linear_bwd`."""
 
-    @staticmethod
-    def backward(ctx, dy):
-        return lora_backward(ctx, dy)
+    xd: Tensor  # (N, in) drop(x) (x itself without dropout)
+    u: Tensor  # (N, r) drop(x) Aᵀ
+    A: Tensor  # (r, in) the LoRA parameter as given
+    B: Tensor  # (out, r)
+    base: object  # (out, in) float Tensor or Int8Weight
+    scaling: float
+    p: float  # dropout probability
+    seed: int  # dropout mask seed (0 without dropout)
+    backend: str
 
 
-def lora_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
-    """:class:`_LoRALinearFn`'s gradients for a ctx of its forward. With ``acc`` (N, in) the input
-    gradient is added into it in place by the GEMM's accumulate (returned as dx), for a caller that
-    sums input gradients without an (N, in) temporary. (fastft/fused_layer.py adds separately: see
-    its ``_proj_bwd`` for the measured bf16 error.)"""
-    xd, u, A, B = ctx.saved_tensors
-    base, s, p, seed, backend = ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend
+def lora_linear_fwd(x: Tensor, base, A: Tensor, B: Tensor, bias: Tensor | None, scaling: float, p: float,
+                    backend: str) -> tuple[Tensor, LoRASaved]:
+    """``y = x Wᵀ + bias + s · (drop(x) Aᵀ) Bᵀ`` without autograd (for callers building their own
+    autograd node, with :func:`lora_linear_bwd`; :func:`lora_linear` is the checked, differentiable op).
+
+    Args:
+        x: (N, in) contiguous fp32/bf16/fp16.
+        base: (out, in) float weight in x's dtype or an :class:`Int8Weight`.
+        A: (r, in), B: (out, r): any float dtype (the maths runs in x's dtype).
+        bias: (out,) in x's dtype or None.
+        scaling: the LoRA scale; p: dropout probability on the LoRA branch.
+        backend: from :func:`linear_backend`.
+    Returns:
+        (y, saved): y (N, out) in x's dtype.
+    """
+    seed = _draw_seed() if p > 0 else 0
+    Ar, Br = A.to(x.dtype), B.to(x.dtype)
+    xd = _apply_dropout(x, seed, p) if p > 0 else x
+    if backend == "triton" or backend == "cuda":
+        y, u = _device_forward(x, xd, base, Ar, Br, bias, scaling, backend)
+    else:
+        y = _base_forward(x, base, bias, backend)
+        u = xd @ Ar.T  # (N, r)
+        y.addmm_(u, Br.T, alpha=scaling)  # in place: no (N, out) temporary
+    return y, LoRASaved(xd, u, A, B, base, scaling, p, seed, backend)
+
+
+def lora_linear_bwd(saved: LoRASaved, dy: Tensor, need_x: bool = True, need_A: bool = True,
+                    need_B: bool = True, need_bias: bool = False, acc: Tensor | None = None) -> tuple:
+    """Gradients of :func:`lora_linear_fwd` for dY (N, out).
+
+    With ``acc`` (N, in) the input gradient is added into it in place by the GEMM's accumulate
+    (returned as dx), for a caller that sums input gradients without an (N, in) temporary.
+    (fastft/models/fused_layer.py adds separately: see its ``_proj_bwd`` for the measured bf16 error.)
+
+    Returns:
+        (dx (N, in) in dY's dtype, dA (r, in) in A's dtype, dB (out, r) in B's dtype, dbias (out,)),
+        each None when not asked for.
+    """
+    xd, u, A, B = saved.xd, saved.u, saved.A, saved.B
+    base, s, p, seed, backend = saved.base, saved.scaling, saved.p, saved.seed, saved.backend
     dy = dy.contiguous()
     Ar, Br = A.to(dy.dtype), B.to(dy.dtype)
-    need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
     dx = dA = dB = dbias = None
     v = dy @ Br if (need_x or need_A) else None  # (N, r)
     if need_x:
@@ -384,7 +425,71 @@ def lora_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
         dB = torch.mm(dy.T, u).mul_(s).to(B.dtype)  # (out, r)
     if need_bias:
         dbias = dy.sum(0)
+    return dx, dA, dB, dbias
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base_t, A, B, bias, base, scaling, p, backend):
+        # base_t: W (float) or qweight, passed only so autograd sees the weight as an input
+        y, s = lora_linear_fwd(x, base, A, B, bias, scaling, p, backend)
+        ctx.save_for_backward(s.xd, s.u, s.A, s.B)
+        ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend = base, scaling, p, s.seed, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return lora_backward(ctx, dy)
+
+
+def lora_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
+    """:class:`_LoRALinearFn`'s gradients (one per forward input) for its ctx (a ``grad_fn``):
+    :func:`lora_linear_bwd` on what the forward saved; ``acc`` as there."""
+    xd, u, A, B = ctx.saved_tensors
+    saved = LoRASaved(xd, u, A, B, ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.backend)
+    need_x, _, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+    dx, dA, dB, dbias = lora_linear_bwd(saved, dy, need_x, need_A, need_B, need_bias, acc)
     return dx, None, dA, dB, dbias, None, None, None, None
+
+
+class Int8Saved(NamedTuple):
+    """What :func:`int8_linear_fwd` keeps for :func:`int8_linear_bwd`: the weight handle only."""
+
+    base: object  # Int8Weight (or an (out, in) float weight)
+    backend: str
+
+
+def int8_linear_fwd(x: Tensor, base, bias: Tensor | None, backend: str) -> tuple[Tensor, Int8Saved]:
+    """The frozen base alone, ``y = x deq(W)ᵀ + bias``, without autograd (see :func:`lora_linear_fwd`).
+
+    Args:
+        x: (N, in) contiguous; base: :class:`Int8Weight` (out, in); bias: (out,) in x's dtype or None.
+        backend: from :func:`linear_backend`.
+    Returns:
+        (y, saved): y (N, out) in x's dtype.
+    """
+    if backend in ("triton", "cuda"):
+        y, _ = _device_forward(x, x, base, None, None, bias, 0.0, backend)
+    else:
+        y = _base_forward(x, base, bias, backend)
+    return y, Int8Saved(base, backend)
+
+
+def int8_linear_bwd(saved: Int8Saved, dy: Tensor, need_x: bool = True, need_bias: bool = False,
+                    acc: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of :func:`int8_linear_fwd` for dY (N, out): (dx (N, in), dbias (out,)), None where
+    not asked for; ``acc`` as in :func:`lora_linear_bwd`."""
+    dy = dy.contiguous()
+    dx = dbias = None
+    if need_x:
+        if saved.backend in ("triton", "cuda"):
+            dx = _device_backward_dx(dy, saved.base, None, None, 0.0, saved.backend)
+            dx = dx if acc is None else acc.add_(dx)
+        else:
+            dx = _base_backward(dy, saved.base, saved.backend, acc)
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, dbias
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -392,11 +497,8 @@ class _Int8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight, bias, base, backend):
-        if backend in ("triton", "cuda"):
-            y, _ = _device_forward(x, x, base, None, None, bias, 0.0, backend)
-        else:
-            y = _base_forward(x, base, bias, backend)
-        ctx.base, ctx.backend = base, backend
+        y, s = int8_linear_fwd(x, base, bias, backend)
+        ctx.base, ctx.backend = s.base, s.backend
         return y
 
     @staticmethod
@@ -405,17 +507,10 @@ class _Int8LinearFn(torch.autograd.Function):
 
 
 def int8_backward(ctx, dy: Tensor, acc: Tensor | None = None) -> tuple:
-    """:class:`_Int8LinearFn`'s gradients; ``acc`` as in :func:`lora_backward`."""
-    dy = dy.contiguous()
-    dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        if ctx.backend in ("triton", "cuda"):
-            dx = _device_backward_dx(dy, ctx.base, None, None, 0.0, ctx.backend)
-            dx = dx if acc is None else acc.add_(dx)
-        else:
-            dx = _base_backward(dy, ctx.base, ctx.backend, acc)
-    if ctx.needs_input_grad[2]:
-        dbias = dy.sum(0)
+    """:class:`_Int8LinearFn`'s gradients for its ctx (a ``grad_fn``); ``acc`` as in
+    :func:`lora_linear_bwd`."""
+    dx, dbias = int8_linear_bwd(Int8Saved(ctx.base, ctx.backend), dy, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[2], acc)
     return dx, None, dbias, None, None
 
 
@@ -426,9 +521,7 @@ def int8_linear(x: Tensor, base: Int8Weight, bias: Tensor | None = None, backend
     if not x.is_floating_point() or x.shape[-1] != in_f:
         raise ValueError(f"int8_linear: x must be float (..., {in_f}), got {tuple(x.shape)} {x.dtype}")
     x2 = x.reshape(-1, in_f).contiguous()
-    be = _backend.choose_backend("int8_linear", x.device, backend)
-    if be in ("triton", "cuda") and not _device_ok(base, x2):
-        be = "torch"
+    be = linear_backend(base, x2, backend)
     bias_c = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     y = _Int8LinearFn.apply(x2, base.qweight, bias_c, base, be)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
@@ -480,19 +573,11 @@ def lora_linear(x: Tensor, base, lora_A: Tensor, lora_B: Tensor, scaling: float,
     x2 = x.reshape(-1, in_f)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    be = _backend.choose_backend("int8_linear", x.device, backend)
-    if be in ("triton", "cuda") and not _device_ok(base, x2):
-        be = "torch"
+    be = linear_backend(base, x2, backend)
     bias_c = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
     base_t = base.qweight if isinstance(base, Int8Weight) else base
     y = _LoRALinearFn.apply(x2, base_t, lora_A, lora_B, bias_c, base, float(scaling), float(dropout), be)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
-
-
-def _device_ok(base, x2: Tensor) -> bool:
-    # the Triton/CUDA kernels take contiguous (out, in) weights in the GEMM dtypes
-    w = base.qweight if isinstance(base, Int8Weight) else base
-    return w.is_contiguous() and x2.dtype in (torch.float32, torch.bfloat16, torch.float16) and x2.numel() > 0
 
 
 def int8_weight_bytes_ratio(base: Int8Weight) -> float:

@@ -23,12 +23,15 @@ reference. Other combinations run the reference (``promote_types`` result, HF's)
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from fastft import _backend
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = ["RMSNormSaved", "rms_norm", "rms_norm_bwd", "rms_norm_fwd", "rms_norm_kernel_ok",
+           "rms_norm_node_backend", "rms_norm_reference"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -65,62 +68,116 @@ def _fp32_weight(x: Tensor, weight: Tensor) -> bool:
     return weight.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _kernel_ok(x: Tensor, weight: Tensor, backend: str) -> bool:
+def rms_norm_kernel_ok(x: Tensor, weight: Tensor, backend: str) -> bool:
+    """Whether the fused kernels of ``backend`` take this x/weight dtype pair (:func:`rms_norm_fwd`
+    needs it; otherwise :func:`rms_norm` runs the reference).
+
+    Args:
+        x: (..., n) activations; weight: (n,).
+        backend: a kernel backend name (``cpu``, ``triton``, ``cuda``).
+    """
     if x.dtype not in _KERNEL_DTYPES:
         return False
     return weight.dtype == x.dtype or (_fp32_weight(x, weight) and backend != "cuda")
 
 
-class _RMSNormFn(torch.autograd.Function):
-    @staticmethod
-    @_backend.on_input_device
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
-        shape = x.shape
-        n = shape[-1]
-        x2 = x.reshape(-1, n).contiguous()
-        w = weight.contiguous()
-        rows = x2.shape[0]
-        y = torch.empty_like(x2)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        if rows:
-            if backend == "cpu":
-                _backend.cpu_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                                                rows, n, float(eps), _backend.DTYPE_CODES[x.dtype],
-                                                _backend.DTYPE_CODES[w.dtype])
-            elif backend == "triton":
-                from fastft.kernels.rms_norm import rms_norm_fwd_triton
-                rms_norm_fwd_triton(x2, w, y, rstd, float(eps))
-            else:
-                _backend.cuda_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                                                 rows, n, float(eps), _backend.DTYPE_CODES[x.dtype],
-                                                 torch.cuda.current_stream(x.device).cuda_stream)
-        ctx.save_for_backward(x2, w, rstd)
-        ctx.backend = backend
-        ctx.shape = shape
-        return y.view(shape)
+class RMSNormSaved(NamedTuple):
+    """What :func:`rms_norm_fwd` keeps for :func:`rms_norm_bwd`: the tensors (``x2``, ``w``,
+    ``rstd``) and the call's backend and input shape."""
 
-    @staticmethod
-    @_backend.on_input_device
-    def backward(ctx, dy: Tensor):
-        x2, w, rstd = ctx.saved_tensors
+    x2: Tensor  # (rows, n) contiguous input
+    w: Tensor  # (n,) contiguous weight
+    rstd: Tensor  # (rows,) fp32 1 / sqrt(mean(x^2) + eps)
+    backend: str
+    shape: torch.Size  # x's shape
+
+
+@_backend.on_input_device
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, RMSNormSaved]:
+    """The fused forward on one kernel backend, without autograd (callers that build their own
+    autograd node use it with :func:`rms_norm_bwd`; :func:`rms_norm` is the differentiable op).
+
+    Args:
+        x: (..., n), a dtype :func:`rms_norm_kernel_ok` accepts for ``weight`` and ``backend``.
+        weight: (n,) on x's device.
+        eps: added to the mean square.
+        backend: ``cpu``, ``triton`` or ``cuda``.
+    Returns:
+        (y, saved): y (..., n) in x's dtype; saved for :func:`rms_norm_bwd`.
+    """
+    shape = x.shape
+    n = shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    w = weight.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        if backend == "cpu":
+            _backend.cpu_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                            rows, n, float(eps), _backend.DTYPE_CODES[x.dtype],
+                                            _backend.DTYPE_CODES[w.dtype])
+        elif backend == "triton":
+            from fastft.kernels.rms_norm import rms_norm_fwd_triton
+            rms_norm_fwd_triton(x2, w, y, rstd, float(eps))
+        else:
+            _backend.cuda_ext().rms_norm_fwd(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                             rows, n, float(eps), _backend.DTYPE_CODES[x.dtype],
+                                             torch.cuda.current_stream(x.device).cuda_stream)
+    return y.view(shape), RMSNormSaved(x2, w, rstd, backend, shape)
+
+
+def rms_norm_bwd(saved: RMSNormSaved, dy: Tensor, need_weight: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Gradients of :func:`rms_norm_fwd`.
+
+    Args:
+        saved: the forward's second result.
+        dy: (..., n) gradient of y (any layout).
+    Returns:
+        (dx, dweight): dx shaped like the forward's x in its dtype; dweight (n,) in the weight's
+        dtype, or None when ``need_weight`` is False.
+    """
+    with _backend.device_of(saved.x2):
+        x2, w, rstd = saved.x2, saved.w, saved.rstd
         rows, n = x2.shape
         dy2 = dy.reshape(-1, n).contiguous()
         dx = torch.empty_like(x2)
         dw = torch.empty(n, dtype=torch.float32, device=x2.device)
         code = _backend.DTYPE_CODES[x2.dtype]
-        if ctx.backend == "cpu":
+        if saved.backend == "cpu":
             _backend.cpu_ext().rms_norm_bwd(dy2.data_ptr(), x2.data_ptr(), w.data_ptr(), rstd.data_ptr(),
                                             dx.data_ptr(), dw.data_ptr(), rows, n, code,
                                             _backend.DTYPE_CODES[w.dtype])
         elif rows == 0:
             dw.zero_()
-        elif ctx.backend == "triton":
+        elif saved.backend == "triton":
             from fastft.kernels.rms_norm import rms_norm_bwd_triton
             rms_norm_bwd_triton(dy2, x2, w, rstd, dx, dw)
         else:
             _cuda_bwd(dy2, x2, w, rstd, dx, dw)
-        dweight = dw.to(w.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.shape), dweight, None, None
+    return dx.view(saved.shape), (dw.to(w.dtype) if need_weight else None)
+
+
+def rms_norm_node_backend(y: Tensor) -> str | None:
+    """The kernel backend of the fused autograd node that produced ``y``, or None when ``y`` did
+    not come from the fused op (the reference path, or no grad)."""
+    fn = y.grad_fn
+    return fn.backend if type(fn) is _RMSNormFn._backward_cls else None
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, backend: str) -> Tensor:
+        y, s = rms_norm_fwd(x, weight, eps, backend)
+        ctx.save_for_backward(s.x2, s.w, s.rstd)
+        ctx.backend, ctx.shape = s.backend, s.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        saved = RMSNormSaved(*ctx.saved_tensors, ctx.backend, ctx.shape)
+        dx, dweight = rms_norm_bwd(saved, dy, ctx.needs_input_grad[1])
+        return dx, dweight, None, None
 
 
 def _cuda_bwd(dy2, x2, w, rstd, dx, dw) -> None:
@@ -149,7 +206,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, forced: str | None = 
     """
     _check(x, weight)
     backend = _backend.choose_backend("rms_norm", x.device, forced)
-    if backend == "torch" or not _kernel_ok(x, weight, backend):
+    if backend == "torch" or not rms_norm_kernel_ok(x, weight, backend):
         y = rms_norm_reference(x, weight, eps)
         return y.to(x.dtype) if _fp32_weight(x, weight) else y
     return _RMSNormFn.apply(x, weight, eps, backend)

@@ -19,12 +19,14 @@ cos's last dim, and cos/sin without grad; anything else runs the reference.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from fastft import _backend
 
-__all__ = ["rope", "rope_reference"]
+__all__ = ["RoPESaved", "rope", "rope_bwd", "rope_fwd", "rope_kernel_ok", "rope_reference"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,7 +54,9 @@ def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim
     return out[0], out[1]
 
 
-def _kernel_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> bool:
+def rope_kernel_ok(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> bool:
+    """Whether the fused kernels take these inputs (:func:`rope_fwd` needs it; otherwise
+    :func:`rope` runs the reference). Shapes as in :func:`rope`."""
     dt = q.dtype
     if dt not in _KERNEL_DTYPES or any(t.dtype != dt for t in (k, cos, sin)):
         return False
@@ -104,19 +108,51 @@ def _cos_sin(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return cos, sin
 
 
+class RoPESaved(NamedTuple):
+    """What :func:`rope_fwd` keeps for :func:`rope_bwd`."""
+
+    cos: Tensor  # (B or 1, T, D), unit stride in D, strides shared with sin
+    sin: Tensor
+    backend: str
+    unsqueeze_dim: int
+
+
+def rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int,
+             backend: str) -> tuple[Tensor, Tensor, RoPESaved]:
+    """The fused rotation of q and k on one kernel backend, without autograd (for callers building
+    their own autograd node, with :func:`rope_bwd`; :func:`rope` is the differentiable op).
+
+    Args:
+        q, k, cos, sin, unsqueeze_dim: as in :func:`rope`, accepted by :func:`rope_kernel_ok`.
+        backend: ``cpu``, ``triton`` or ``cuda``.
+    Returns:
+        (q_embed, k_embed, saved): q_embed and k_embed with q's and k's shapes and memory layouts.
+    """
+    cs = _cos_sin(cos, sin)
+    saved = RoPESaved(cs[0], cs[1], backend, unsqueeze_dim)
+    return _apply(q, cs, backend, False, unsqueeze_dim), _apply(k, cs, backend, False, unsqueeze_dim), saved
+
+
+def rope_bwd(saved: RoPESaved, dq: Tensor | None, dk: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of :func:`rope_fwd` (the transposed rotation): (dq, dk) shaped like q and k, None
+    where the incoming gradient is None."""
+    cs = (saved.cos, saved.sin)
+    gq = None if dq is None else _apply(dq, cs, saved.backend, True, saved.unsqueeze_dim)
+    gk = None if dk is None else _apply(dk, cs, saved.backend, True, saved.unsqueeze_dim)
+    return gq, gk
+
+
 class _RoPEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int, backend: str):
-        cs = _cos_sin(cos, sin)
-        ctx.save_for_backward(*cs)
+        qe, ke, s = rope_fwd(q, k, cos, sin, unsqueeze_dim, backend)
+        ctx.save_for_backward(s.cos, s.sin)
         ctx.backend, ctx.unsqueeze_dim = backend, unsqueeze_dim
-        return _apply(q, cs, backend, False, unsqueeze_dim), _apply(k, cs, backend, False, unsqueeze_dim)
+        return qe, ke
 
     @staticmethod
     def backward(ctx, dq: Tensor | None, dk: Tensor | None):
-        cs = ctx.saved_tensors
-        gq = None if dq is None else _apply(dq, cs, ctx.backend, True, ctx.unsqueeze_dim)
-        gk = None if dk is None else _apply(dk, cs, ctx.backend, True, ctx.unsqueeze_dim)
+        gq, gk = rope_bwd(RoPESaved(*ctx.saved_tensors, ctx.backend, ctx.unsqueeze_dim), dq, dk)
         return gq, gk, None, None, None, None
 
 
@@ -133,6 +169,6 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1,
         (q_embed, k_embed): shapes and memory layouts of q and k; differentiable in q and k.
     """
     backend = _backend.choose_backend("rope", q.device, forced)
-    if backend == "torch" or not _kernel_ok(q, k, cos, sin, unsqueeze_dim):
+    if backend == "torch" or not rope_kernel_ok(q, k, cos, sin, unsqueeze_dim):
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
     return _RoPEFn.apply(q, k, cos, sin, unsqueeze_dim, backend)

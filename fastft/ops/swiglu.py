@@ -13,13 +13,15 @@ Backends (one choice, :func:`swiglu`): ``cpu`` (csrc/cpu/elementwise.cpp), ``tri
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastft import _backend
 
-__all__ = ["swiglu", "swiglu_reference"]
+__all__ = ["SwiGLUSaved", "swiglu", "swiglu_bwd", "swiglu_fwd", "swiglu_node_backend", "swiglu_reference"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -35,46 +37,88 @@ def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
     return (F.silu(gate.float()) * up.float()).to(torch.promote_types(gate.dtype, up.dtype))
 
 
-class _SwiGLUFn(torch.autograd.Function):
-    @staticmethod
-    @_backend.on_input_device
-    def forward(ctx, gate: Tensor, up: Tensor, backend: str) -> Tensor:
-        g, u = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(g)
-        n = g.numel()
-        code = _backend.DTYPE_CODES[g.dtype]
-        if n:
-            if backend == "cpu":
-                _backend.cpu_ext().swiglu_fwd(g.data_ptr(), u.data_ptr(), y.data_ptr(), n, code)
-            elif backend == "triton":
-                from fastft.kernels.swiglu import swiglu_fwd_triton
-                swiglu_fwd_triton(g, u, y)
-            else:
-                _backend.cuda_ext().swiglu_fwd(g.data_ptr(), u.data_ptr(), y.data_ptr(), n, code,
-                                               torch.cuda.current_stream(g.device).cuda_stream)
-        ctx.save_for_backward(g, u)
-        ctx.backend = backend
-        return y
+class SwiGLUSaved(NamedTuple):
+    """What :func:`swiglu_fwd` keeps for :func:`swiglu_bwd`."""
 
-    @staticmethod
-    @_backend.on_input_device
-    def backward(ctx, dy: Tensor):
-        g, u = ctx.saved_tensors
+    gate: Tensor  # contiguous
+    up: Tensor  # contiguous
+    backend: str
+
+
+@_backend.on_input_device
+def swiglu_fwd(gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, SwiGLUSaved]:
+    """The fused forward on one kernel backend, without autograd (for callers building their own
+    autograd node, with :func:`swiglu_bwd`; :func:`swiglu` is the differentiable op).
+
+    Args:
+        gate, up: same shape (..., intermediate), one dtype in fp32/bf16/fp16, one device.
+        backend: ``cpu``, ``triton`` or ``cuda``.
+    Returns:
+        (y, saved): y shaped like gate (contiguous); saved for :func:`swiglu_bwd` (the inputs).
+    """
+    g, u = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(g)
+    n = g.numel()
+    code = _backend.DTYPE_CODES[g.dtype]
+    if n:
+        if backend == "cpu":
+            _backend.cpu_ext().swiglu_fwd(g.data_ptr(), u.data_ptr(), y.data_ptr(), n, code)
+        elif backend == "triton":
+            from fastft.kernels.swiglu import swiglu_fwd_triton
+            swiglu_fwd_triton(g, u, y)
+        else:
+            _backend.cuda_ext().swiglu_fwd(g.data_ptr(), u.data_ptr(), y.data_ptr(), n, code,
+                                           torch.cuda.current_stream(g.device).cuda_stream)
+    return y, SwiGLUSaved(g, u, backend)
+
+
+def swiglu_bwd(saved: SwiGLUSaved, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`swiglu_fwd`.
+
+    Args:
+        saved: the forward's second result.
+        dy: gradient of y, the inputs' shape (any layout).
+    Returns:
+        (dgate, dup), each shaped like the inputs, in their dtype.
+    """
+    g, u = saved.gate, saved.up
+    with _backend.device_of(g):
         dy = dy.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         code = _backend.DTYPE_CODES[g.dtype]
         if n:
-            if ctx.backend == "cpu":
+            if saved.backend == "cpu":
                 _backend.cpu_ext().swiglu_bwd(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(),
                                               du.data_ptr(), n, code)
-            elif ctx.backend == "triton":
+            elif saved.backend == "triton":
                 from fastft.kernels.swiglu import swiglu_bwd_triton
                 swiglu_bwd_triton(g, u, dy, dg, du)
             else:
                 _backend.cuda_ext().swiglu_bwd(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(),
                                                du.data_ptr(), n, code,
                                                torch.cuda.current_stream(g.device).cuda_stream)
+    return dg, du
+
+
+def swiglu_node_backend(y: Tensor) -> str | None:
+    """The kernel backend of the fused autograd node that produced ``y``, or None when ``y`` did
+    not come from the fused op (the reference path, or no grad)."""
+    fn = y.grad_fn
+    return fn.backend if type(fn) is _SwiGLUFn._backward_cls else None
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, backend: str) -> Tensor:
+        y, s = swiglu_fwd(gate, up, backend)
+        ctx.save_for_backward(s.gate, s.up)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        dg, du = swiglu_bwd(SwiGLUSaved(*ctx.saved_tensors, ctx.backend), dy)
         return dg, du, None
 
 

@@ -61,6 +61,7 @@ from torch import nn
 from fastft import distributed as dist
 from fastft.errors import ConfigError, UserError
 from fastft.lora import Int8Linear, remove_lora, set_module
+from fastft.precision import remove_fp32_hooks
 
 __all__ = ["Recipe", "seed_everything"]
 
@@ -253,6 +254,7 @@ class Recipe:
             raise UserError("Recipe.adapt(): the previous run trained the base weights; create the "
                             "Recipe with keep_base=True (or call load() again) to train another trial")
         remove_lora(model)
+        remove_fp32_hooks(model)
         for name, m in list(model.named_modules()):
             if isinstance(m, Int8Linear):
                 if _int8_base(self.cfg) and name not in self._int8_originals:
