@@ -117,7 +117,7 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
         ck.load_model_files(model, ckpt, is_lora)
         optimizer.load_state_dict(st["optimizer"])
     else:
-        _load_full_into_sharded(model, optimizer, ckpt, st["optimizer"])
+        _load_full_into_sharded(model, optimizer, ckpt, st["optimizer"], is_lora)
     st["world_size"] = st.get("world_size", 1)
     if dist.rank() != 0:
         st["rng"] = None  # only rank 0's RNG was saved
@@ -141,16 +141,20 @@ def _sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _load_full_into_sharded(model, optimizer, ckpt: Path, osd: dict) -> None:
-    """HF weights + an index-keyed optimizer state dict (one process) into FSDP2's shards."""
+def _load_full_into_sharded(model, optimizer, ckpt: Path, osd: dict, is_lora: bool = False) -> None:
+    """HF weights (or a PEFT adapter) + an index-keyed optimizer state dict (one process) into
+    FSDP2's shards."""
     from safetensors.torch import load_file
 
-    state = {}
-    for f in sorted((ckpt / "model").glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    if not state:
-        raise UserError(f"checkpoint {ckpt}: no model/*.safetensors to resume full fine-tuning from")
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    if is_lora:  # each rank copies its part of every adapter tensor into its shard
+        ck.load_model_files(model, ckpt, is_lora)
+    else:
+        state = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        if not state:
+            raise UserError(f"checkpoint {ckpt}: no model/*.safetensors to resume full fine-tuning from")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     # torch.optim state dicts key parameters by their position in the param groups; DCP's
     # full optimizer state dict keys them by name
     names = {id(p): n for n, p in model.named_parameters()}

@@ -391,13 +391,25 @@ def load_adapter(model: nn.Module, in_dir: str) -> nn.Module:
             raise UserError(f"adapter {in_dir!r}: tensor {key!r} has shape {tuple(t.shape)}, this model "
                             f"expects {tuple(p.shape)} (adapter trained on a different base model?)")
         with torch.no_grad():
-            p.copy_(t)
+            _copy_into(p, t)
         seen.add(name)
     missing = [f"{n}.{ab}.weight" for n in mods for ab in ("lora_A", "lora_B") if f"{n}.{ab}.weight" not in seen]
     if missing:
         raise UserError(f"adapter {in_dir!r}: no weights for {len(missing)} LoRA tensors of this model, "
                         f"e.g. {missing[0]!r} (different target_modules?)")
     return model
+
+
+def _copy_into(p: torch.Tensor, t: torch.Tensor) -> None:
+    """``p.copy_(t)``; an FSDP2-sharded ``p`` (DTensor) takes this rank's part of the full ``t``
+    (every rank read the whole file, so no communication)."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # torch without distributed
+        DTensor = ()
+    if isinstance(p, DTensor):
+        t = distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(t)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

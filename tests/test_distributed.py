@@ -225,11 +225,11 @@ def adapter_files(run_dir, sub="final") -> tuple[dict, dict]:
     return load_file(str(d / "adapter_model.safetensors")), json.loads((d / "adapter_config.json").read_text())
 
 
-def test_fsdp_lora_exports_the_single_process_adapter_and_resumes_on_one_rank(tiny, tmp_path):
+def test_fsdp_lora_exports_the_single_process_adapter_and_resumes_across_world_sizes(tiny, tmp_path):
     """FSDP2 of the frozen base with LoRA (2 ranks x 4): every checkpoint and final/ hold the
     PEFT adapter gathered from the shards, equal to the 1-process run's (batch 8) to fp32
-    round-off, with the same adapter_config.json; the step-2 DCP checkpoint resumes on 1 process
-    and ends there too."""
+    round-off, with the same adapter_config.json; the step-2 DCP checkpoint resumes on 1 process,
+    a 1-process step-2 checkpoint on 2 FSDP2 ranks, and both end there too."""
     import shutil
 
     from fastft.train_cli import run
@@ -244,19 +244,25 @@ def test_fsdp_lora_exports_the_single_process_adapter_and_resumes_on_one_rank(ti
     shutil.rmtree(tmp_path / "b" / "final")
     run(None, cli_args(tiny, tmp_path / "b", *lora, "--train.batch_size", "8", "--train.distributed", "auto"),
         resume=True)
+    shutil.copytree(tmp_path / "ref", tmp_path / "c")  # 1 process to step 2, then 2 FSDP2 ranks
+    shutil.rmtree(tmp_path / "c" / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "c" / "final")
+    wait_all(fastft_ranks(tiny, tmp_path / "c", *lora, "--train.batch_size", "4", "--resume"))
     w_ref, c_ref = adapter_files(tmp_path / "ref")
     assert c_ref["peft_type"] == "LORA" and len(w_ref) > 0
     for run_dir, sub in ((tmp_path / "a", "final"), (tmp_path / "a", "checkpoints/step-000004"),
-                         (tmp_path / "b", "final")):
+                         (tmp_path / "b", "final"), (tmp_path / "c", "final")):
         w, c = adapter_files(run_dir, sub)
         assert c == c_ref and w.keys() == w_ref.keys()
         for n in w_ref:
             assert w[n].dtype == w_ref[n].dtype
             torch.testing.assert_close(w[n], w_ref[n], **W_TOL, msg=lambda m: f"{run_dir.name}/{sub} {n}: {m}")
-    ref, lines = train_lines(tmp_path / "ref"), train_lines(tmp_path / "b")
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]
-    for x, y in zip(lines, ref):
-        assert x["loss"] == pytest.approx(y["loss"], rel=LOSS_REL)
+    ref = train_lines(tmp_path / "ref")
+    for d in ("b", "c"):
+        lines = train_lines(tmp_path / d)
+        assert [r["step"] for r in lines] == [1, 2, 3, 4]
+        for x, y in zip(lines, ref):
+            assert x["loss"] == pytest.approx(y["loss"], rel=LOSS_REL), d
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the test reads the DCP files alone
