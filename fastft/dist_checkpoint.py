@@ -69,7 +69,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
         msd, osd = get_state_dict(model, optimizer, options=_OPTS)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
         # the PEFT adapter of every checkpoint: FSDP2's LoRA shards are gathered to rank 0 first
-        adapter = full_state_dict(model, trainable_only=True) if is_lora and _sharded(model) else None
+        adapter = full_state_dict(model, trainable_only=True) if is_lora and is_sharded(model) else None
         _rng_file(tmp, dist.rank()).parent.mkdir(exist_ok=True)
         torch.save(state.pop("rng"), _rng_file(tmp, dist.rank()))
         if dist.is_main():
@@ -113,7 +113,7 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
         return st
     # a single-process checkpoint (fastft.checkpoint layout) on N ranks
     st = ck.load_state(ckpt)
-    if not _sharded(model):
+    if not is_sharded(model):
         ck.load_model_files(model, ckpt, is_lora)
         optimizer.load_state_dict(st["optimizer"])
     else:
@@ -135,7 +135,7 @@ def load_weights(ckpt: Path, model) -> None:
     set_model_state_dict(model, msd, options=_LOAD_OPTS)
 
 
-def _sharded(model) -> bool:
+def is_sharded(model) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())

@@ -49,12 +49,14 @@ def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
     from fastft import dist_checkpoint as dcp_ck
     from fastft import distributed as dist
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train import Recipe
 
     cfg = load_config(None, ["--model.path", tiny, "--output.dir", str(out_dir), *scenario_args(name, world)])
-    model, tok, bundle, device = build(cfg)
-    tr = Trainer(cfg, out_dir, model, tok, bundle, device, log=lambda s: None)
+    recipe = Recipe(cfg, log=lambda s: None)
+    recipe.load()
+    recipe.data()
+    model = recipe.adapt()
+    tr = recipe.make_trainer(out_dir)
     ev = tr.evaluate(hook=False)  # 19 validation rows: 2 ranks get 10 + 9 (+1 pad)
     fused = _count_fused_layers()
     try:
@@ -66,11 +68,24 @@ def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
     else:
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
+    export = _read_export(recipe.export(out_dir / "export"), cfg.finetune.mode == "lora")  # collective
+    return {"export": export,"loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
             "target_tokens": [r["target_tokens"] for r in recs], "strategy": tr.strategy, "eval": ev,
             "fused_layer_calls": fused_calls,
             "frozen_dtypes": {p.dtype for p in model.parameters() if not p.requires_grad},
             "weights": {n: w for n, w in weights.items() if n in trainable}, "rank": dist.rank()}
+
+
+def _read_export(out: Path, is_lora: bool) -> dict:
+    """The tensors ``Recipe.export`` wrote (rank 0; {} on the other ranks, which write nothing)."""
+    from safetensors.torch import load_file
+
+    from fastft import distributed as dist
+
+    if not dist.is_main():
+        return {}
+    files = [out / "adapter" / "adapter_model.safetensors"] if is_lora else sorted((out / "model").glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
 def _count_fused_layers() -> list:

@@ -127,6 +127,10 @@ def test_two_ranks_equal_one_rank_of_the_global_batch(two_ranks, one_rank, scena
     for a, b in zip(two["grad_norm"], one["grad_norm"]):
         assert a == pytest.approx(b, rel=1e-5)
     assert len(two["weights"]) == len(one["weights"]) > 0
+    # Recipe.export: rank 0 writes the weights gathered from the shards (FSDP2), as one process does
+    assert two["export"].keys() == one["export"].keys() and len(one["export"]) > 0
+    for n in one["export"]:
+        torch.testing.assert_close(two["export"][n], one["export"][n], **W_TOL, msg=lambda m: f"export {n}: {m}")
     for n in one["weights"]:
         torch.testing.assert_close(two["weights"][n], one["weights"][n], **W_TOL, msg=lambda m: f"{n}: {m}")
 
