@@ -30,6 +30,8 @@ SCENARIOS = {
     # the real embedded model (SmolLM2-135M), short rows: tests/test_distributed_smollm2.py
     "smol_lora": ["--finetune.mode", "lora", "--lora.r", "8", "--train.lr", "1e-3", "--train.max_grad_norm", "0.3",
                   "--train.distributed", "ddp", "--data.max_length", "64"],
+    "smol_fsdp_lora": ["--finetune.mode", "lora", "--lora.r", "8", "--train.lr", "1e-3", "--train.max_grad_norm",
+                       "0.3", "--train.distributed", "fsdp", "--data.max_length", "64"],
 }
 STEPS = 3
 
