@@ -40,7 +40,7 @@ def bench_cache(repeats: int, copies: int = 40) -> list[dict]:
 
     from fastft.config import load_config
     from fastft.data import build_datasets, default_train_file
-    from fastft.model_loading import load_tokenizer, materialize
+    from fastft.models.loading import load_tokenizer, materialize
 
     tok = load_tokenizer(materialize("default"))
     tmp = Path(tempfile.mkdtemp(prefix="fastft-bench-data-"))
@@ -74,7 +74,7 @@ def bench_packing(repeats: int) -> list[dict]:
     from fastft.data import build_datasets
     from fastft.data.collate import Collator
     from fastft.data.packing import PackedCollator, pack_examples
-    from fastft.model_loading import load_tokenizer, materialize
+    from fastft.models.loading import load_tokenizer, materialize
 
     tok = load_tokenizer(materialize("default"))
     examples = build_datasets(load_config(None, ["--data.val_ratio", "0"]).data, tok).train[:128]

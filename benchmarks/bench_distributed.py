@@ -47,11 +47,11 @@ def worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
     from fastft.config import load_config
     from fastft.data import DataBundle
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (ids := torch.randint(10, 900, (spec["seq"],), generator=g).tolist()), "labels": list(ids)}
@@ -89,7 +89,7 @@ def comm_time(tr, reps: int) -> float:
     import torch
     import torch.distributed as tdist
 
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
 
     trainable = [p for p in tr.model.parameters() if p.requires_grad]
     ws = dist.world_size()

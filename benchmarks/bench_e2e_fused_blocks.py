@@ -50,8 +50,8 @@ def step_ab(args) -> str:
 
     import torch
 
-    from fastft import hf_fast
-    from fastft.model_loading import load_model_and_tokenizer
+    from fastft.models import hf_fast
+    from fastft.models.loading import load_model_and_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

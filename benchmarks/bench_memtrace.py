@@ -73,9 +73,9 @@ def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[0]).read())
     spec["fastft_overrides"] = list(spec.get("fastft_overrides", [])) + argv[1:]
     spec["run_dir"] = spec["run_dir"] + "-memtrace"
-    import fastft.bench_runners as br
+    import fastft.bench.runners as br
     import fastft.optim as fo
-    import fastft.train_cli as tc
+    import fastft.train.cli as tc
 
     build, init, step = tc.build, fo.FusedAdamW.__init__, fo.FusedAdamW.step
 

@@ -1,9 +1,9 @@
-"""Selective recompute of RMSNorm/SwiGLU outputs (``model.recompute_cheap``, fastft/recompute.py):
+"""Selective recompute of RMSNorm/SwiGLU outputs (``model.recompute_cheap``, fastft/models/recompute.py):
 saved-activation bytes, RSS and step time of a full fine-tuning step, switch on vs off.
 
     python benchmarks/bench_recompute.py [--batch 4] [--seq 256] [--rounds 6] [--rss-rounds 2]
 
-The model is SmolLM2-135M (packaged GGUF) built by ``fastft.train_cli.build`` in full mode with
+The model is SmolLM2-135M (packaged GGUF) built by ``fastft.train.cli.build`` in full mode with
 bf16 weights (fp32 norms/embeddings, as ``fastft train`` does), fused blocks on. In one process:
 
 1. correctness first: loss and every gradient of one forward+backward are bitwise equal on/off;
@@ -41,7 +41,7 @@ def build_full(batch: int, seq: int):
     """SmolLM2 as ``fastft train --finetune.mode full --model.dtype bf16`` builds it, and a batch."""
     from fastft.config import load_config
     from fastft.data import DataBundle
-    from fastft.train_cli import build
+    from fastft.train.cli import build
 
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(0, 49152, (seq,), generator=g).tolist()} for _ in range(batch)]
@@ -56,7 +56,7 @@ def build_full(batch: int, seq: int):
 
 
 def fwd_bwd(model, ids, on: bool, zero: bool = True):
-    from fastft.train_utils import CausalLMLoss
+    from fastft.train.utils import CausalLMLoss
 
     t0 = time.perf_counter()
     loss, n = CausalLMLoss(model, fused_ce=True, recompute_cheap=on)(ids, torch.ones_like(ids), ids)
@@ -71,8 +71,8 @@ def fwd_bwd(model, ids, on: bool, zero: bool = True):
 
 def saved_bytes(model, ids, on: bool) -> int:
     """Bytes of the non-parameter storages the graph keeps after one forward."""
-    from fastft import recompute
-    from fastft.train_utils import unwrap
+    from fastft.models import recompute
+    from fastft.train.utils import unwrap
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
@@ -111,7 +111,7 @@ def rss_child(args) -> None:
             samples.append((time.perf_counter(), rss_mb()))
             time.sleep(0.003)
     threading.Thread(target=sampler, daemon=True).start()
-    from fastft.train_utils import CausalLMLoss
+    from fastft.train.utils import CausalLMLoss
 
     on = args.rss_child == "on"
     time.sleep(0.05)
@@ -143,8 +143,8 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args)
 
-    from fastft import recompute
-    from fastft.train_utils import unwrap
+    from fastft.models import recompute
+    from fastft.train.utils import unwrap
 
     model, ids = build_full(args.batch, args.seq)
     cfg = unwrap(model).config

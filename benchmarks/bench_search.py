@@ -41,7 +41,7 @@ OUT = ROOT / "benchmarks" / "results"
 CHILD = r"""
 import json, sys, time
 del sys.path[0]  # not the caller's folder: a top-level kernels/ would shadow HF's kernels
-from fastft.trainer import Trainer
+from fastft.train.trainer import Trainer
 spent = {"steps": 0.0}
 def timed(fn):
     def wrapper(*a, **k):

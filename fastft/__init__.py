@@ -7,11 +7,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "patch_model": "fastft.hf_patch",
-    "unpatch_model": "fastft.hf_patch",
+    "patch_model": "fastft.models.hf_patch",
+    "unpatch_model": "fastft.models.hf_patch",
     "FusedAdamW": "fastft.optim",
-    "inject_lora": "fastft.lora",
-    "quantize_model_int8": "fastft.lora",
+    "inject_lora": "fastft.models.lora",
+    "quantize_model_int8": "fastft.models.lora",
 }
 
 

@@ -10,11 +10,11 @@ import click
 # name -> (module, attribute). Each subcommand lives next to the code it drives.
 COMMANDS = {
     "env": ("fastft.cli", "env"),
-    "train": ("fastft.train_cli", "train"),
-    "bench": ("fastft.bench", "bench"),
-    "generate": ("fastft.generate", "generate"),
-    "eval": ("fastft.evaluate", "eval_cmd"),
-    "plot": ("fastft.plot", "plot_cmd"),
+    "train": ("fastft.train.cli", "train"),
+    "bench": ("fastft.bench.cli", "bench"),
+    "generate": ("fastft.models.generate", "generate"),
+    "eval": ("fastft.train.eval_cli", "eval_cmd"),
+    "plot": ("fastft.train.plot", "plot_cmd"),
     "search": ("fastft.search.cli", "search"),
 }
 

@@ -45,7 +45,7 @@ class ModelConfig:
     fused_attention: bool = opt(True, "fastft's causal attention kernel for SDPA calls in fused blocks, "
                                 "packed/right-padded rows included (other masks and KV caches keep HF's SDPA)")
     fused_layers: bool = opt(True, "whole decoder layers with frozen weights (LoRA) as one autograd node "
-                             "(fused blocks and attention; fastft/fused_layer.py)")
+                             "(fused blocks and attention; fastft/models/fused_layer.py)")
     recompute_cheap: bool = opt(True, "rebuild RMSNorm/SwiGLU outputs in backward instead of saving them "
                                 "(fused blocks; ~157 MB less for SmolLM2 full at 4x256 bf16)")
 
@@ -427,7 +427,7 @@ RESUME_SAFE = ("train.max_steps", "train.epochs", "train.eval_every", "train.eva
                "output.tensorboard", "output.save_merged",
                "output.dir", "output.overwrite",
                # a resume on another number of ranks splits the global batch anew (per-rank batch x
-               # accumulation x ranks); the data position is recomputed (fastft/dist_checkpoint.py)
+               # accumulation x ranks); the data position is recomputed (fastft/train/dist_checkpoint.py)
                "train.batch_size", "train.grad_accum", "train.distributed", "train.distributed_timeout")
 
 

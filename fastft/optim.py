@@ -177,7 +177,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _split_fp32_sources(group: dict) -> None:
-        """Turn the fp32 source values that fastft.precision.attach_fp32_sources attached to bf16
+        """Turn the fp32 source values that fastft.train.precision.attach_fp32_sources attached to bf16
         params into split masters now (the param becomes their high half, the low half waits
         on the param for the first step) instead of at the first step. Reading the sources maps
         in the pages of the safetensors file they share, which stay resident until the last of
@@ -266,14 +266,14 @@ class FusedAdamW(torch.optim.Optimizer):
         """Create or convert the master of ``p`` in ``state`` for the group's settings.
 
         Sources, first found: a master already in ``state`` (either format: converted exactly),
-        the fp32 source values attached by fastft.precision.attach_fp32_sources (consumed once;
+        the fp32 source values attached by fastft.train.precision.attach_fp32_sources (consumed once;
         already split by :meth:`_split_fp32_sources` for split groups), the param itself. A new
         split master sets the bf16 param to the master's high half."""
         want = group["master_weights"] and p.dtype != torch.float32
         split = want and p.dtype == torch.bfloat16 and group["master_format"] == "split"
         if isinstance(p, DTensor) and want:
             # FSDP2 keeps sharded weights in fp32 and gathers 16-bit copies (MixedPrecisionPolicy):
-            # those fp32 shards are their own masters (fastft.distributed does this)
+            # those fp32 shards are their own masters (fastft.train.distributed does this)
             raise UserError(f"FusedAdamW: {where} is a sharded {p.dtype} parameter; master weights of "
                             "sharded 16-bit parameters are not supported: keep the shards in fp32 and let "
                             "FSDP2's MixedPrecisionPolicy(param_dtype=...) gather 16-bit copies")

@@ -48,8 +48,8 @@ def scenario_args(name: str, world: int, global_batch: int = 8) -> list[str]:
 def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
     """Train STEPS steps; returns {"loss": [...], "grad_norm": [...], "weights": {name: tensor}}
     (weights: full tensors on rank 0, gathered from FSDP shards)."""
-    from fastft import dist_checkpoint as dcp_ck
-    from fastft import distributed as dist
+    from fastft.train import dist_checkpoint as dcp_ck
+    from fastft.train import distributed as dist
     from fastft.config import load_config
     from fastft.train import Recipe
 
@@ -82,7 +82,7 @@ def _read_export(out: Path, is_lora: bool) -> dict:
     """The tensors ``Recipe.export`` wrote (rank 0; {} on the other ranks, which write nothing)."""
     from safetensors.torch import load_file
 
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
 
     if not dist.is_main():
         return {}
@@ -91,9 +91,9 @@ def _read_export(out: Path, is_lora: bool) -> dict:
 
 
 def _count_fused_layers() -> list:
-    """Count the decoder layers that run as one fused node (fastft/fused_layer.py) from now on;
+    """Count the decoder layers that run as one fused node (fastft/models/fused_layer.py) from now on;
     returns [stop], where stop() undoes the wrapper and gives the count."""
-    from fastft import hf_fast
+    from fastft.models import hf_fast
 
     orig, n = hf_fast.fused_layer_forward, [0]
 
@@ -111,7 +111,7 @@ def _count_fused_layers() -> list:
 
 def _inject(bug: str):
     """Replace a global reduction with the per-rank one; returns an undo function."""
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
     from fastft import optim
 
     if bug == "local_tokens":
@@ -124,7 +124,7 @@ def _inject(bug: str):
 
 
 def main(argv: list[str]) -> None:
-    from fastft import distributed as dist
+    from fastft.train import distributed as dist
 
     out, tiny, names = Path(argv[0]), argv[1], argv[2:]
     torch.set_num_threads(1)

@@ -132,7 +132,7 @@ def _optimizer(fmt, backend, amsgrad, seed=0):
         p = torch.nn.Parameter(s.to(d))
         p.grad_dtype = None  # let the fp32-grad cases assign fp32 grads to 16-bit params
         if d != torch.float32:
-            p._fastft_master_init = s.clone()  # as fastft.precision.attach_fp32_sources does
+            p._fastft_master_init = s.clone()  # as fastft.train.precision.attach_fp32_sources does
         ps.append(p)
     groups = [{"params": ps[:2]}, {"params": ps[2:4], "lr": 3e-3, "weight_decay": 0.1, "betas": (0.8, 0.99)},
               {"params": ps[4:], "lr": 0.0}]
@@ -312,7 +312,7 @@ def test_bad_split_state_and_arguments_raise_clear_errors():
 
 
 def test_master_init_from_fp32_source_is_exact_and_not_kept():
-    """fastft.precision attaches the fp32 source values; the split master takes them exactly, the
+    """fastft.train.precision attaches the fp32 source values; the split master takes them exactly, the
     bf16 param becomes their high half, and no fp32 copy stays around."""
     src = torch.randn(37, 1003)
     b = bits(src)
@@ -344,8 +344,8 @@ def test_master_init_from_fp32_source_is_exact_and_not_kept():
 def _train(tiny, run_dir, fmt, ties_away=False, steps=8):
     sys.path.insert(0, str(Path(__file__).parent))
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
 
     args = ["--model.path", str(tiny), "--output.dir", str(run_dir), "--train.progress", "false",
             "--output.tensorboard", "false", "--train.batch_size", "8", "--finetune.mode", "full",

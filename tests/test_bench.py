@@ -133,7 +133,7 @@ def test_bench_model_config_runs_end_to_end(tiny):
 
 
 def test_random_model_is_built_once_per_config_and_seed(tmp_path, monkeypatch):
-    from fastft.bench_model import build_random_model, bundled_word_tokenizer
+    from fastft.bench.model import build_random_model, bundled_word_tokenizer
 
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
     cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
@@ -186,7 +186,7 @@ def test_bench_refuses_in_one_line(tmp_path, extra, message):
 
 
 def test_child_env_malloc_choices():
-    from fastft.bench import child_env
+    from fastft.bench.cli import child_env
     from fastft.runtime import ORIGINAL
 
     user = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
@@ -206,14 +206,14 @@ def test_child_env_malloc_choices():
 
 
 def test_round_order_is_abba():
-    from fastft.bench import round_order
+    from fastft.bench.cli import round_order
 
     sides = ["hf", "hf_compile", "fastft"]
     assert round_order(sides, 0) == sides and round_order(sides, 1) == sides[::-1] and round_order(sides, 2) == sides
 
 
 def test_loss_check_unit():
-    from fastft.bench import loss_check
+    from fastft.bench.cli import loss_check
 
     ok, _ = loss_check([3.0, 2.9, 2.8], [3.001, 2.905, 2.79], 0.01, 0.03)
     assert ok
@@ -226,7 +226,7 @@ def test_loss_check_unit():
 def test_model_and_executed_flops_per_token():
     from types import SimpleNamespace
 
-    from fastft.bench_report import executed_flops_per_token, model_flops_per_token
+    from fastft.bench.report import executed_flops_per_token, model_flops_per_token
 
     cfg = SimpleNamespace(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                           intermediate_size=16, vocab_size=10, head_dim=4)
@@ -245,7 +245,7 @@ def _record(step: float, mem: float, losses=(2.0, 1.9, 1.8, 1.7)) -> dict:
 
 
 def test_compare_headline_is_against_the_fastest_baseline():
-    from fastft.bench_report import compare, summarise
+    from fastft.bench.report import compare, summarise
 
     runs = {"hf": [_record(3.0, 2000)], "hf_compile": [_record(2.0, 2400)], "fastft": [_record(1.0, 1000)]}
     sides = {k: summarise(v, 2) for k, v in runs.items()}
@@ -263,7 +263,7 @@ def test_compare_headline_is_against_the_fastest_baseline():
 
 
 def test_plot_without_matplotlib_is_one_line(monkeypatch, tmp_path):
-    from fastft.bench_report import plot
+    from fastft.bench.report import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     line = plot({"workloads": {}}, "text", tmp_path / "p.png")
@@ -271,7 +271,7 @@ def test_plot_without_matplotlib_is_one_line(monkeypatch, tmp_path):
 
 
 def test_history_keeps_old_rows_when_columns_change(tmp_path):
-    from fastft.bench_report import append_history
+    from fastft.bench.report import append_history
 
     h = tmp_path / "h.csv"
     h.write_text("time,mode,speedup\n1,lora,2.0\n")
@@ -284,8 +284,8 @@ def test_history_keeps_old_rows_when_columns_change(tmp_path):
 def test_text_rows_are_all_targets_and_random_ids_keep_the_mask(tmp_path):
     import torch
 
-    from fastft.bench_data import build_rows, randomize_ids
-    from fastft.bench_model import bundled_word_tokenizer
+    from fastft.bench.data import build_rows, randomize_ids
+    from fastft.bench.model import bundled_word_tokenizer
 
     tok = bundled_word_tokenizer()
     st = build_rows("text", tok, 16, 6, 0, tmp_path / "t.pt")
@@ -311,7 +311,7 @@ def test_hf_liger_refusal_on_cuda_without_liger(monkeypatch):
     import click
     import torch
 
-    from fastft.bench import check_request
+    from fastft.bench.cli import check_request
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec

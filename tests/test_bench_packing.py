@@ -1,4 +1,4 @@
-"""fastft/bench_packing.py (``fastft bench --packing``) on tiny settings: it builds the packed,
+"""fastft/bench/packing.py (``fastft bench --packing``) on tiny settings: it builds the packed,
 padded and causal batches of the same samples, checks that packed, padded and HF's padding-free
 losses agree before timing, and reports target tokens/s. No timing is asserted."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 def test_step_comparison_runs_and_checks_losses(tmp_path, monkeypatch):
     from trainer_helpers import make_tiny_model
 
-    from fastft.bench_packing import step
+    from fastft.bench.packing import step
 
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
     tiny = make_tiny_model(tmp_path / "tiny")

@@ -11,12 +11,12 @@ import torch
 from _data_util import tiny_tokenizer
 from fastft.config import load_config
 from fastft.data import build_datasets
-from fastft.data.classification import (ClassificationLoss, encode_classification, evaluate_classifier,
-                                        label_names_from, load_classifier, mark_trainable)
+from fastft.data.classification import encode_classification, label_names_from
 from fastft.data.collate import Collator
 from fastft.errors import DataError
-from fastft.metrics import classification_metrics, write_confusion_matrix
-from fastft.train.evaluation import make_metrics_hook
+from fastft.models.classifier import ClassificationLoss, load_classifier, mark_trainable
+from fastft.train.evaluation import evaluate_classifier, make_metrics_hook
+from fastft.train.metrics import classification_metrics, write_confusion_matrix
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +100,7 @@ def test_new_head_trains_under_lora_on_a_decoder(tmp_path):
     stays bit-identical."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from fastft.finetune import apply_freezing, setup_lora
+    from fastft.train.finetune import apply_freezing, setup_lora
 
     tok = tiny_tokenizer()
     folder = tmp_path / "tiny"
@@ -114,7 +114,7 @@ def test_new_head_trains_under_lora_on_a_decoder(tmp_path):
     model, _, new = load_classifier(str(folder), ["neg", "pos"])
     assert new == ["score.weight"] and model.config.pad_token_id == tok.pad_token_id
     full = load_config(None, ["--finetune.mode", "lora", "--lora.target_modules", "q_proj,v_proj"])
-    model = setup_lora(model, full.lora, gradient_checkpointing=False)  # fastft.lora, as `fastft train` does
+    model = setup_lora(model, full.lora, gradient_checkpointing=False)  # fastft.models.lora, as `fastft train` does
     apply_freezing(model, full.finetune)
     assert mark_trainable(model, new) == 1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -136,7 +136,7 @@ def test_new_head_trains_under_lora_on_a_decoder(tmp_path):
     # the adapter + trained head (PEFT modules_to_save) restore in PEFT on a fresh classifier
     from peft import PeftModel
 
-    from fastft.finetune import save_adapter
+    from fastft.train.finetune import save_adapter
 
     save_adapter(model, str(tmp_path / "adapter"))
     torch.manual_seed(1)

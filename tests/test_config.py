@@ -77,7 +77,7 @@ def test_parse_overrides_forms():
 
 
 def test_help_documents_every_key():
-    from fastft.train_cli import train
+    from fastft.train.cli import train
 
     out = CliRunner().invoke(train, ["--help"]).output
     for key in all_keys():

@@ -122,7 +122,7 @@ def test_excess_length_truncate_drop_error():
 def test_multi_turn_chat_mask_with_the_smollm2_template():
     """SmolLM2's template injects a default system prompt; only the answers and their
     <|im_end|> (its EOS, also its pad) are trained."""
-    from fastft.model_loading import load_tokenizer, materialize
+    from fastft.models.loading import load_tokenizer, materialize
 
     tok = load_tokenizer(materialize("default"))
     assert tok.eos_token == tok.pad_token == "<|im_end|>"

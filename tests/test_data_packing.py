@@ -11,8 +11,9 @@ import torch
 from _data_util import tiny_llama, tiny_tokenizer
 from fastft.data.chat import encode_rows
 from fastft.data.collate import Collator
-from fastft.data.packing import IGNORE, PackedCollator, block_causal_mask, pack_examples
+from fastft.data.packing import IGNORE, PackedCollator, pack_examples
 from fastft.errors import DataError
+from fastft.ops.segments import block_causal_mask
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +106,7 @@ def test_packing_through_the_trainer_gives_the_unpacked_first_step_loss(tmp_path
 
     from trainer_helpers import bundled_rows, make_tiny_model, write_jsonl
 
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
     model = make_tiny_model(tmp_path / "tiny")
@@ -132,7 +133,7 @@ def test_packing_through_the_trainer_gives_the_unpacked_first_step_loss(tmp_path
 def _fastft_model(mode: str, dtype: torch.dtype):
     """tiny_llama (SDPA) in ``dtype``: ``lora`` = frozen base + LoRA on q/v (the fused-layer path),
     ``full`` = every weight trainable (per-op path, attention still fastft's)."""
-    from fastft.lora import inject_lora
+    from fastft.models.lora import inject_lora
 
     model = tiny_llama(attn="sdpa").to(dtype).train()
     if mode == "lora":
@@ -147,7 +148,7 @@ def _fastft_model(mode: str, dtype: torch.dtype):
 
 
 def _loss_and_grads(model, batch):
-    from fastft.train_utils import CausalLMLoss
+    from fastft.train.utils import CausalLMLoss
 
     model.zero_grad(set_to_none=True)
     loss, n = CausalLMLoss(model)(**batch)
@@ -183,7 +184,7 @@ def test_packed_rows_through_fused_layers_equal_unpacked(mode, dtype, monkeypatc
     fp32 reference (plus a floor). Nothing leaves the fused paths because of packing."""
     import copy
 
-    from fastft import hf_fast
+    from fastft.models import hf_fast
 
     tok, exs = _examples()
     unpacked = Collator(tok.pad_token_id)(exs)
@@ -222,8 +223,8 @@ def test_packed_batch_runs_the_fused_layers_and_builds_no_mask(monkeypatch):
     and fastft's block mask would raise here)."""
     from transformers import masking_utils
 
-    from fastft import fused_layer, hf_fast
-    from fastft.data import packing
+    from fastft.models import fused_layer, hf_fast
+    from fastft.models import loss as model_loss
 
     tok, exs = _examples()
     packed = PackedCollator(tok.pad_token_id)(pack_examples(exs, 64))
@@ -241,7 +242,7 @@ def test_packed_batch_runs_the_fused_layers_and_builds_no_mask(monkeypatch):
 
     monkeypatch.setattr(hf_fast, "fused_layer_forward", counting)
     monkeypatch.setattr(masking_utils, "sdpa_mask", boom)
-    monkeypatch.setattr(packing, "block_causal_mask", boom)
+    monkeypatch.setattr(model_loss, "block_causal_mask", boom)
     monkeypatch.setattr(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS, "_global_mapping",
                         {k: boom for k in masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping})
     _loss_and_grads(model, packed)
@@ -254,7 +255,7 @@ def test_packed_batch_runs_the_fused_layers_and_builds_no_mask(monkeypatch):
 def test_unrouted_model_gets_the_block_mask_and_says_so():
     """Attention not routed through fastft (no patch_blocks): packed rows must still not leak;
     they get the block mask (warned once) and the unpacked loss."""
-    from fastft import train_utils
+    from fastft.train import utils as train_utils
 
     tok, exs = _examples()
     model = _fastft_model("full", torch.float32)
@@ -272,7 +273,8 @@ def test_gradient_checkpointing_keeps_packed_rows_apart():
     a model must take the block-mask path (said once), and its packed gradients equal unpacked."""
     import copy
 
-    from fastft import hf_fast, train_utils
+    from fastft.models import hf_fast
+    from fastft.train import utils as train_utils
 
     tok, exs = _examples()
     model = _fastft_model("full", torch.float32)

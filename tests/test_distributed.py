@@ -193,7 +193,7 @@ def test_resume_across_world_sizes(tiny, tmp_path):
     """A 2-rank FSDP2 checkpoint resumes on 1 rank and a 1-rank checkpoint on 2 ranks (DCP
     reshards the weights and the optimizer state; the data position is recomputed), and both
     end where an uninterrupted 1-rank run of the same global batch (8) ends."""
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     run(None, cli_args(tiny, tmp_path / "ref", *FULL, "--train.batch_size", "8", "--train.max_steps", "4"))
     ref = train_lines(tmp_path / "ref")
@@ -236,7 +236,7 @@ def test_fsdp_lora_exports_the_single_process_adapter_and_resumes_across_world_s
     a 1-process step-2 checkpoint on 2 FSDP2 ranks, and both end there too."""
     import shutil
 
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     lora = [*dist_worker.SCENARIOS["fsdp_lora"], "--train.max_steps", "4", "--train.save_every", "2"]
     run(None, cli_args(tiny, tmp_path / "ref", *lora, "--train.batch_size", "8", "--train.distributed", "auto"))
@@ -340,7 +340,7 @@ def test_kill_9_during_a_dcp_save_resumes_from_the_previous_checkpoint(tiny, tmp
     folder and continues from step 2, and the run ends where an uninterrupted one ends, bit for
     bit. A save that wrote into ``step-000004`` directly (not atomic) leaves a step-000004 without
     DCP's ``.metadata``, which ``--resume`` would pick and fail to load."""
-    from fastft.checkpoint import list_checkpoints
+    from fastft.train.checkpoint import list_checkpoints
 
     full = [*FULL, "--train.batch_size", "4", "--train.max_steps", "6"]  # FSDP2 full, saves every 2
     (tmp_path / "u").mkdir()

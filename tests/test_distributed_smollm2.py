@@ -22,7 +22,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from fastft.model_loading import materialize
+    from fastft.models.loading import materialize
 
     model = materialize()  # build the HF cache once, before two processes race to
     out = tmp_path_factory.mktemp("smol") / "results.pt"

@@ -92,7 +92,7 @@ def test_rms_norm(backend, dtype):
 @pytest.mark.parametrize("backend", _backends("rms_norm"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 def test_rms_norm_fp32_weight(backend, dtype):
-    """fp32 weight with 16-bit x (fastft/precision.py): y in x's dtype, dweight fp32, the same
+    """fp32 weight with 16-bit x (fastft/train/precision.py): y in x's dtype, dweight fp32, the same
     values as HF's module under autocast (fp32 result rounded to x's dtype by the next matmul)."""
     for shape in _shapes(backend):
         x = (torch.randn(shape) * 3 + 0.5).to(dtype)

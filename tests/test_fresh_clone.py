@@ -122,9 +122,9 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
 def test_bad_training_file_fails_before_the_model_load(kind, tmp_path, monkeypatch):
     """In process: the model loader is never reached (it would raise here)."""
-    import fastft.model_loading as ml
+    import fastft.models.loading as ml
     from fastft.errors import UserError
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the data file was checked")

@@ -1,4 +1,4 @@
-"""fastft.fused_layer: a whole decoder layer as one autograd node (frozen weights, LoRA).
+"""fastft.models.fused_layer: a whole decoder layer as one autograd node (frozen weights, LoRA).
 
 Module level: tiny random Llama / Mistral / Qwen2 models with LoRA adapters, the fused-layer
 path against the per-op path (``patch_blocks(layers=False)``, itself tested against HF in
@@ -15,8 +15,8 @@ import pytest
 import torch
 import transformers
 
-from fastft import fused_layer, hf_fast
-from fastft.lora import inject_lora, quantize_model_int8
+from fastft.models import fused_layer, hf_fast
+from fastft.models.lora import inject_lora, quantize_model_int8
 
 VOCAB = 101
 
@@ -207,7 +207,7 @@ def test_lora_training_losses_match_with_and_without_fused_layers(tmp_path, one_
     (step 3; bf16 sums of the q/k/v input gradients round in another order, then the runs drift)."""
     import json
 
-    from fastft.train_cli import run
+    from fastft.train.cli import run
     from trainer_helpers import make_tiny_model
 
     tiny = make_tiny_model(tmp_path / "model")
@@ -238,7 +238,7 @@ def test_lora_training_losses_match_with_and_without_fused_layers(tmp_path, one_
 
 
 def test_causal_suffices_only_for_right_padding_without_pad_targets():
-    from fastft.train_utils import causal_suffices
+    from fastft.train.utils import causal_suffices
 
     m = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     lab = torch.tensor([[5, 6, 7, -100], [1, 2, 3, 4]])
@@ -253,7 +253,7 @@ def test_causal_suffices_only_for_right_padding_without_pad_targets():
 
 def test_right_padded_batch_loss_equals_masked(monkeypatch):
     """The CausalLMLoss path without the mask gives the masked loss and gradients (fp32)."""
-    from fastft.train_utils import CausalLMLoss
+    from fastft.train.utils import CausalLMLoss
 
     m = _lora_model()
     hf_fast.patch_blocks(m)

@@ -241,7 +241,7 @@ def test_realistic_shape_cpu_chunks():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])  # "none" runs the deferred backward
 def test_fp32_weight_with_16bit_hidden(backend, dtype, reduction):
-    """fp32 (tied-embedding) weight, 16-bit hidden (fastft/precision.py): GEMMs on the weight
+    """fp32 (tied-embedding) weight, 16-bit hidden (fastft/train/precision.py): GEMMs on the weight
     rounded to the hidden dtype, as autocast does; dWeight comes back in fp32. Errors vs the fp32
     truth within 2x of autocast's own (weight cast to the dtype, PyTorch's 16-bit CE)."""
     N, H, V = (64, 96, 1003) if backend != "triton" else (12, 32, 203)

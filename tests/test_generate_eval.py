@@ -107,7 +107,7 @@ def test_eval_loss_equals_hf_loss(lm_dir, tmp_path, capsys):
 
     from fastft.data.chat import encode_rows
     from fastft.data.collate import Collator
-    from fastft.evaluate import run_eval
+    from fastft.train.eval_cli import run_eval
 
     rows = [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}."} for i in range(5)]
     data = tmp_path / "pc.jsonl"
@@ -140,8 +140,8 @@ def test_eval_classification_metrics_match_argmax(tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     from fastft.data import BUNDLED
-    from fastft.evaluate import run_eval
-    from fastft.metrics import classification_metrics
+    from fastft.train.eval_cli import run_eval
+    from fastft.train.metrics import classification_metrics
 
     folder = _tiny_bert(tmp_path / "bert")
     data = str(BUNDLED / "sentiment.jsonl")

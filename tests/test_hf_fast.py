@@ -1,4 +1,4 @@
-"""fastft.hf_fast: HF Llama-family blocks on the fused RMSNorm/SwiGLU/RoPE ops.
+"""fastft.models.hf_fast: HF Llama-family blocks on the fused RMSNorm/SwiGLU/RoPE ops.
 
 Module level: tiny random Llama, Mistral, Qwen2 and Qwen3 models, patched vs unpatched copies,
 logits and every parameter gradient. fp32: equal up to reassociation (1e-5 relative). bf16: the
@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from fastft import hf_fast
+from fastft.models import hf_fast
 
 VOCAB = 101
 

@@ -101,6 +101,39 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(detail)
 
 
+# The layers of the house, lowest first: a module may import its own layer and the ones below.
+LAYERS = {
+    "fastft.errors": 0, "fastft.runtime": 0, "fastft._backend": 0, "fastft.config": 0,
+    "fastft.ops": 1, "fastft.optim": 1,
+    "fastft.models": 2, "fastft.data": 2,
+    "fastft.train": 3,
+    "fastft.search": 4, "fastft.bench": 4,
+    "fastft.cli": 5, "fastft.__main__": 5,
+    "fastft.resources": 5,  # the script that built the bundled datasets
+}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    for i in range(len(parts), 1, -1):
+        if ".".join(parts[:i]) in LAYERS:
+            return LAYERS[".".join(parts[:i])]
+    return None
+
+
+def test_layers_point_down():
+    """ops <- models, data <- train <- search, bench <- cli: no import points up a layer (and
+    models and data, side by side, do not import each other)."""
+    graph = _graph()
+    unplaced = sorted(m for m in graph if m != "fastft" and _layer(m) is None)
+    assert not unplaced, f"modules outside the layer table: {unplaced}"
+    up = [f"{a} -> {b}" for a, bs in graph.items() for b in bs
+          if b != "fastft" and a != "fastft" and _layer(b) > _layer(a)]
+    side = [f"{a} -> {b}" for a, bs in graph.items() for b in bs
+            if {a.split(".")[1], b.split(".")[1]} == {"models", "data"} if b != "fastft" and a != "fastft"]
+    assert not up and not side, "\n".join(up + side)
+
+
 def test_the_checker_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -213,7 +213,7 @@ def test_zero_rows():
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_backward_accumulates_into_a_given_input_gradient(backend, int8, dropout):
-    """lora_backward / int8_backward with ``acc`` (what fastft/fused_layer.py uses to sum the q/k/v
+    """lora_backward / int8_backward with ``acc`` (what fastft/models/fused_layer.py uses to sum the q/k/v
     and gate/up input gradients): dx comes back as acc + dX in place, the weight grads unchanged."""
     x, base, A, B, bias, dy = _problem(37, 67, 131, 16, torch.float32, int8, outliers=int8)
     x, A, B = (t.clone().requires_grad_(True) for t in (x, A, B))

@@ -1,4 +1,4 @@
-"""fastft.lora vs PEFT: LoRALinear vs PEFT's LoRA layer on the same weights (outputs and grads),
+"""fastft.models.lora vs PEFT: LoRALinear vs PEFT's LoRA layer on the same weights (outputs and grads),
 inject_lora / quantize_model_int8 on a tiny random Llama, PEFT-format round trips in both
 directions (incl. a trained classification head as modules_to_save), merge, bad input, and a
 short int8-base training run."""
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastft.errors import ConfigError, UserError
-from fastft.lora import (Int8Linear, LoRALinear, inject_lora, load_adapter, merge_lora, quantize_model_int8,
+from fastft.models.lora import (Int8Linear, LoRALinear, inject_lora, load_adapter, merge_lora, quantize_model_int8,
                          save_adapter)
 
 
@@ -159,7 +159,7 @@ def test_classification_head_saved_as_modules_to_save(tmp_path):
     _randomize_lora(m)
     with torch.no_grad():
         m.score.weight.normal_()
-    m.score.weight.requires_grad_(True)  # the new head trains (fastft.data.classification.mark_trainable)
+    m.score.weight.requires_grad_(True)  # the new head trains (fastft.models.classifier.mark_trainable)
     mine = m(IDS).logits
     save_adapter(m, str(tmp_path / "c"))
     cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
@@ -238,8 +238,8 @@ def test_bad_input(tmp_path):
 def test_int8_base_lora_training_run(tmp_path):
     """fastft train --lora.int8_base true on the tiny model: loss falls, int8 weights untouched."""
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
     from trainer_helpers import make_tiny_model
 
     tiny = make_tiny_model(tmp_path / "tiny")

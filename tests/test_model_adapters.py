@@ -18,8 +18,8 @@ import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from _tiny_models import REQUIRED, V, build
-from fastft.lora import LoRALinear, inject_lora
 from fastft.models import FAMILIES, HeadTransform, adapter_for
+from fastft.models.lora import LoRALinear, inject_lora
 from fastft.models.loss import CausalLMLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +83,7 @@ def _check(model_type: str, mode: str, pad: bool):
     if model is None:
         pytest.skip(why)
     if mode == "lora" and not _lora(model):
-        pytest.skip("no nn.Linear layer to adapt (e.g. GPT-2's Conv1D): fastft.lora adapts nn.Linear only")
+        pytest.skip("no nn.Linear layer to adapt (e.g. GPT-2's Conv1D): fastft.models.lora adapts nn.Linear only")
     ref = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the generic adapter's notice

@@ -1,4 +1,4 @@
-"""fastft/precision.py: in full/partial bf16 runs the trainable embedding (tied head) and RMSNorm
+"""fastft/train/precision.py: in full/partial bf16 runs the trainable embedding (tied head) and RMSNorm
 weights are fp32, matmul weights bf16, the residual stream bf16, and a weight update below bf16
 resolution reaches the loss (with all-bf16 weights it did not: the full-mode loss drift vs HF in
 benchmarks/README.md)."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fastft.config import load_config
-from fastft.train_cli import build, run
-from fastft.train_utils import CausalLMLoss
+from fastft.train.cli import build, run
+from fastft.train.utils import CausalLMLoss
 from trainer_helpers import make_tiny_model
 
 
@@ -119,7 +119,7 @@ def test_full_bf16_trains_and_saved_folder_loads(tied, tmp_path):
     assert s["steps"] == 3
     folder = tmp_path / "r" / "final" / "model"
     m = AutoModelForCausalLM.from_pretrained(folder)
-    assert m.dtype == torch.bfloat16  # still declared a bf16 model (fastft.precision.record_run_dtype)
+    assert m.dtype == torch.bfloat16  # still declared a bf16 model (fastft.train.precision.record_run_dtype)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=ids).logits).all()

@@ -67,7 +67,7 @@ def test_load_once_train_two_lora_trials(tiny, tmp_path, one_thread):
 
     # the same trial in a fresh process
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = "import sys; from fastft.train_cli import run; run(None, sys.argv[1:])"
+    code = "import sys; from fastft.train.cli import run; run(None, sys.argv[1:])"
     r = subprocess.run([sys.executable, "-c", code, *_args(tiny, tmp_path / "fresh", *TRIAL_B)],
                        env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_full_trial_needs_keep_base(tiny, tmp_path, one_thread):
 
 def test_trials_do_not_stack_fp32_casts(tiny, tmp_path, one_thread):
     """A bf16 full trial keeps the trainable embedding and norms in fp32 with cast hooks
-    (fastft/precision.py); reset() removes them with the fp32 copies, so trial after trial the
+    (fastft/train/precision.py); reset() removes them with the fp32 copies, so trial after trial the
     model carries one set (they used to pile up, and a later trial that froze the tied embedding
     kept the fp32 head cast)."""
     cfg = load_config(None, _args(tiny, tmp_path / "f", "--finetune.mode", "full", "--model.dtype", "bf16"))

@@ -1,4 +1,4 @@
-"""fastft.recompute: saved RMSNorm/SwiGLU outputs are rebuilt in backward instead of kept.
+"""fastft.models.recompute: saved RMSNorm/SwiGLU outputs are rebuilt in backward instead of kept.
 
 Op level: a registered tensor saved by a matmul is packed as a recipe handle and unpacked to the
 bitwise-identical view, and its storage is really freed. Model level: a tiny patched Llama gives
@@ -21,10 +21,10 @@ import transformers
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
-from fastft import hf_fast, recompute
-from fastft.lora import inject_lora
-from fastft.recompute import recompute_cheap, register
-from fastft.train_utils import CausalLMLoss
+from fastft.models import hf_fast, recompute
+from fastft.models.lora import inject_lora
+from fastft.models.recompute import recompute_cheap, register
+from fastft.train.utils import CausalLMLoss
 
 VOCAB = 101
 
@@ -343,7 +343,7 @@ def test_saved_bytes_drop_by_the_registered_outputs(case):
 def test_fastft_train_identical_with_switch_on_and_off(tmp_path, runs):
     from trainer_helpers import make_tiny_model
 
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     tiny = make_tiny_model(tmp_path / "model")
     res = {}

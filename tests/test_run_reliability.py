@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastft.errors import ConfigError, TrainingDiverged
-from fastft.train_cli import run
-from fastft.train_utils import LrSchedule, lr_factor
+from fastft.train.cli import run
+from fastft.train.utils import LrSchedule, lr_factor
 from trainer_helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def save(obj, f, *a, **k):  # the second checkpoint (step 4) dies half-written: 
         os.kill(os.getpid(), signal.SIGKILL)
     return real(obj, f, *a, **k)
 torch.save = save
-from fastft.train_cli import run
+from fastft.train.cli import run
 run(None, sys.argv[1:])
 """
 
@@ -174,7 +174,7 @@ def test_kill9_during_save_then_resume_leaves_no_temp_folder(tiny, tmp_path):
 
 
 def test_later_saves_remove_only_fastft_debris(tmp_path):
-    from fastft import checkpoint as ck
+    from fastft.train import checkpoint as ck
 
     root = tmp_path / "run" / "checkpoints"
     root.mkdir(parents=True)
@@ -256,7 +256,7 @@ def test_load_best_at_end_off_keeps_the_last_weights(tiny, tmp_path):
 # ------------------------------------------------------------------ divergence guard
 def non_finite_on_disk(run_dir):
     """(file, tensor) pairs holding NaN/inf among every safetensors and .pt file under run_dir."""
-    from fastft.checkpoint import first_non_finite
+    from fastft.train.checkpoint import first_non_finite
 
     bad = []
     for f in Path(run_dir).rglob("*"):
@@ -293,8 +293,8 @@ def test_huge_lr_stops_with_exit_3_and_nothing_non_finite_on_disk(tiny, tmp_path
 def _nan_grad_run(tiny, tmp_path, nan_steps, *extra):
     """Train LoRA with the gradient of one adapter matrix replaced by NaN during ``nan_steps``."""
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
 
     run_dir = tmp_path / "r"
     cfg = load_config(None, args(tiny, run_dir, "--train.max_steps", "8", "--train.lr", "1e-2", *extra))
@@ -336,7 +336,7 @@ def test_injected_nan_gradients_in_a_row_stop_the_run(tiny, tmp_path):
 
 
 def test_saving_a_non_finite_tensor_is_refused(tmp_path):
-    from fastft import checkpoint as ck
+    from fastft.train import checkpoint as ck
 
     model = _Saveable(torch.nn.Linear(2, 2))
     with torch.no_grad():
@@ -350,7 +350,7 @@ def test_saving_a_non_finite_tensor_is_refused(tmp_path):
 def test_curves_png_at_end_of_run_and_fastft_plot(tiny, tmp_path, capsys, monkeypatch):
     import matplotlib.image
 
-    from fastft import plot
+    from fastft.train import plot
     from fastft.cli import main
 
     run_dir = tmp_path / "r"
@@ -403,7 +403,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 
 def test_missing_value_before_another_flag():
     from fastft.config import load_config
-    from fastft.train_cli import split_args
+    from fastft.train.cli import split_args
 
     config, overrides, _, _ = split_args(["--train.lr", "--output.dir", "x"])
     with pytest.raises(ConfigError, match=r"^override --train\.lr needs a value$"):
@@ -442,11 +442,11 @@ def full_run(tiny, tmp_path_factory):
 
 
 def test_eval_accepts_run_folders(tiny, lora_run, full_run, tmp_path):
-    from fastft.evaluate import run_eval
+    from fastft.train.eval_cli import run_eval
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a b", "completion": "c"}\n')
-    from fastft.generate import merge_adapter  # noqa: F401
+    from fastft.models.generate import merge_adapter  # noqa: F401
     via_adapter = run_eval(str(tiny), str(data), "prompt_completion", adapter=str(lora_run / "final" / "adapter"))
     for m in (lora_run, lora_run / "final", lora_run / "checkpoints" / "step-000002"):
         assert run_eval(str(m), str(data), "prompt_completion")["eval_loss"] == via_adapter["eval_loss"]
@@ -481,7 +481,7 @@ def status(key):
     return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
 import torch, transformers
 from transformers.models.llama import modeling_llama  # import-time transients before the baseline
-from fastft.train_cli import run
+from fastft.train.cli import run
 from fastft.data import build_datasets
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak from here on
 base = status("VmRSS")
@@ -536,9 +536,9 @@ def test_int8_base_peak_memory_below_bf16(wide_model, tmp_path):
 
 def test_param_table_counts_int8_weights(tiny):
     from fastft.config import load_config
-    from fastft.finetune import param_table
-    from fastft.lora import trainable_parameters_line
-    from fastft.train_cli import build
+    from fastft.train.finetune import param_table
+    from fastft.models.lora import trainable_parameters_line
+    from fastft.train.cli import build
 
     for int8 in ("false", "true"):
         cfg = load_config(None, args(tiny, "unused", "--lora.int8_base", int8, "--model.dtype", "bf16"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fastft.config import load_config
-from fastft.train_cli import build, run
-from fastft.train_utils import resolve_dtype
-from fastft.trainer import Trainer
+from fastft.train.cli import build, run
+from fastft.train.trainer import Trainer
+from fastft.train.utils import resolve_dtype
 from trainer_helpers import bundled_rows, make_tiny_model, write_jsonl
 
 
@@ -215,7 +215,7 @@ def test_discriminative_lr_and_no_decay_groups(tiny, tmp_path):
     cfg = load_config(None, base_args(tiny, tmp_path / "g", "--finetune.mode", "full", "--train.lr", "1e-3",
                                       "--train.weight_decay", "0.1", "--finetune.backbone_lr_scale", "0.5",
                                       "--finetune.layer_lr_decay", "0.5"))
-    from fastft.finetune import param_groups
+    from fastft.train.finetune import param_groups
 
     model, *_ = build(cfg)
     lr_of, wd_of = {}, {}
@@ -230,7 +230,7 @@ def test_discriminative_lr_and_no_decay_groups(tiny, tmp_path):
 
 
 def test_schedulers():
-    from fastft.train_utils import lr_factor
+    from fastft.train.utils import lr_factor
 
     assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.0]
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
@@ -239,7 +239,7 @@ def test_schedulers():
 
 def test_instruction_labels_mask_prompt_and_train_eos(tiny):
     from fastft.data.instruction import tokenize_row
-    from fastft.model_loading import load_tokenizer
+    from fastft.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny))
     tok.pad_token = tok.eos_token  # pad == eos must not mask the response's EOS
@@ -319,7 +319,7 @@ def test_loss_module_matches_hf_loss(tiny, smoothing):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from fastft.train_utils import CausalLMLoss
+    from fastft.train.utils import CausalLMLoss
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
     ids = torch.randint(4, 900, (3, 17))
@@ -341,7 +341,7 @@ def test_loss_module_matches_hf_loss(tiny, smoothing):
 
 def test_model_sources(tmp_path, monkeypatch):
     from fastft.errors import UserError
-    from fastft.model_loading import resolve_source
+    from fastft.models.loading import resolve_source
 
     gguf = tmp_path / "m.Q4.gguf"
     gguf.write_bytes(b"GGUF")
@@ -357,7 +357,7 @@ def test_model_sources(tmp_path, monkeypatch):
         resolve_source(str(tmp_path / "missing.gguf"))
     assert resolve_source("org/model") == ("org/model", None)  # a hub id: resolved offline later
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
-    from fastft.model_loading import materialize
+    from fastft.models.loading import materialize
 
     with pytest.raises(UserError, match="cannot load this GGUF file"):
         materialize(str(gguf))

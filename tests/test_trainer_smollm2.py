@@ -8,7 +8,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-from fastft.model_loading import default_model_source, materialize  # noqa: E402
+from fastft.models.loading import default_model_source, materialize  # noqa: E402
 
 
 def _has_default() -> bool:
@@ -44,7 +44,7 @@ def test_gguf_cache_is_a_plain_hf_folder_and_is_reused(monkeypatch):
 
 @needs_model
 def test_cached_default_model_still_answers():
-    from fastft.model_loading import load_model_and_tokenizer
+    from fastft.models.loading import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(dtype=torch.bfloat16)
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -55,7 +55,7 @@ def test_cached_default_model_still_answers():
 
 
 def _run(tmp_path, name, *extra):
-    from fastft.train_cli import run
+    from fastft.train.cli import run
 
     return run(None, ["--output.dir", str(tmp_path / name), "--train.progress", "false", "--output.tensorboard",
                       "false", "--train.batch_size", "4", "--train.eval_batches", "3", *extra])

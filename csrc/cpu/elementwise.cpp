@@ -68,7 +68,7 @@ inline __attribute__((always_inline)) void row_store(void* base, const float* v,
 }
 
 // The weight in fp32: its dtype WDT is x's, or fp32 with 16-bit x (fastft keeps trainable norm
-// weights in fp32, fastft/precision.py), loaded once per thread.
+// weights in fp32, fastft/train/precision.py), loaded once per thread.
 inline const float* weight_f32(int wdt, const void* wp, int64_t n, float* buf) {
   switch (wdt) {
     case kFloat32: return static_cast<const float*>(wp);

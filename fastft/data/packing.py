@@ -7,8 +7,8 @@ inside each sample from the position ids: :class:`PackedCollator` hands the rows
 and the 2-D padding mask, no (B, 1, T, T) mask. fastft's training loss turns them into the rows'
 sample layout (:mod:`fastft.ops.segments`) for its segment-aware attention when the model's
 attention is routed through fastft (fused decoder layers included), and into the block-diagonal
-mask of :func:`block_causal_mask` for Hugging Face's own attention otherwise
-(``fastft.train_utils.attention_inputs``). With the same target tokens and no cross-sample
+mask of :func:`fastft.ops.segments.block_causal_mask` for Hugging Face's own attention otherwise
+(``fastft.train.utils.attention_inputs``). With the same target tokens and no cross-sample
 attention, the mean loss of a packed batch equals the unpacked one (``tests/test_data_packing.py``).
 
 Why: the bundled instruction rows are ~40 tokens; padded to the longest in a batch of 8, about
@@ -80,43 +80,6 @@ def pack_examples(examples: list[dict], max_length: int, strategy: str = "ffd") 
     return rows
 
 
-def sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Index of the sample each token belongs to: a new sample starts where position_ids is 0.
-
-    Args:
-        position_ids: ``(B, T)`` int64.
-
-    Returns:
-        ``(B, T)`` int64, e.g. positions ``[0,1,2,0,1,0]`` -> ``[1,1,1,2,2,3]``.
-    """
-    return (position_ids == 0).long().cumsum(-1)
-
-
-def block_causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """4-D additive mask: token q attends to k iff k <= q, same sample, and k is not padding.
-
-    Args:
-        position_ids: ``(B, T)`` int64, restarting at 0 per packed sample.
-        attention_mask: ``(B, T)`` 0/1 padding mask or None.
-
-    Returns:
-        ``(B, 1, T, T)`` tensor of ``dtype``: 0 where allowed, ``finfo(dtype).min`` elsewhere.
-        A padding query still sees itself (position 0 starts its own sample), so no row is all
-        masked and softmax never produces NaN.
-    """
-    B, T = position_ids.shape
-    sid = sample_ids(position_ids)
-    same = sid[:, :, None] == sid[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = same & causal
-    if attention_mask is not None:
-        keep = attention_mask.bool()
-        allowed = allowed & keep[:, None, :] | torch.eye(T, dtype=torch.bool, device=position_ids.device)
-    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-
-
 class PackedCollator(Collator):
     """:class:`Collator` for packed rows: ``input_ids``, ``labels``, the 2-D padding
     ``attention_mask`` and ``position_ids`` (restarting at 0 per sample; the pad tail counts up
@@ -125,7 +88,7 @@ class PackedCollator(Collator):
     tails counted as samples; fastft's loss accepts it in place of deriving it). No (B, 1, T, T)
     mask: a Hugging Face model given these directly must not get the 2-D mask alone (it would
     attend across samples) — fastft's loss takes care of that
-    (``fastft.train_utils.attention_inputs``); elsewhere use :func:`block_causal_mask`.
+    (``fastft.train.utils.attention_inputs``); elsewhere use :func:`fastft.ops.segments.block_causal_mask`.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1, cu_seqlens: bool = False):

@@ -19,6 +19,12 @@ auxiliary loss (``config.output_router_logits``).
 | granite | granite | yes (/ logits_scaling) | no |
 | plain-head | phi, phi3, olmo, olmo2, gpt_neox, gpt2, opt, falcon, stablelm, starcoder2 | yes | no |
 | generic | everything else | no: HF's forward | no |
+
+The rest of the folder is the model side of fastft that the adapters drive: ``loss.py`` (the
+causal-LM loss with the head transform), ``hf_fast.py`` and ``fused_layer.py`` (fused blocks and
+decoder layers on :mod:`fastft.ops`), ``hf_patch.py`` (the fused-loss patch), ``recompute.py``,
+``lora.py`` (LoRA/int8 surgery, PEFT-format adapters), ``loading.py`` and ``int8_loading.py``
+(model sources), ``classifier.py`` (sequence classification), ``merge.py`` and ``generate.py``.
 """
 from __future__ import annotations
 

@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastft import _backend, hf_fast
-from fastft.data.packing import block_causal_mask
-from fastft.hf_fast import packed_segments
-from fastft.models import Adapter, HeadTransform, adapter_for, unwrap
+from fastft import _backend
+from fastft.models import Adapter, HeadTransform, adapter_for, hf_fast, unwrap
+from fastft.models.hf_fast import packed_segments
+from fastft.models.recompute import recompute_cheap
 from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-from fastft.ops.segments import segments_from_cu_seqlens, segments_from_position_ids
-from fastft.recompute import recompute_cheap
+from fastft.ops.segments import block_causal_mask, segments_from_cu_seqlens, segments_from_position_ids
 
 __all__ = ["CausalLMLoss", "attention_inputs", "causal_suffices", "ce_sum"]
 
@@ -134,7 +133,7 @@ class CausalLMLoss(nn.Module):
         label_smoothing: eps of the cross-entropy in training (``smoothing=False`` turns it off).
         fused_ce: family adapters use the fused cross-entropy (False: the same maths with the
             (N, V) logits built; the generic adapter always builds them).
-        recompute_cheap: rebuild saved RMSNorm/SwiGLU outputs in backward (fastft/recompute.py).
+        recompute_cheap: rebuild saved RMSNorm/SwiGLU outputs in backward (fastft/models/recompute.py).
         adapter: the adapter to use; default ``fastft.models.adapter_for(model)`` (asked once,
             here, after LoRA/int8 surgery, since an adapted head changes the answer).
     """
@@ -169,7 +168,7 @@ class CausalLMLoss(nn.Module):
                 else attention_mask
             return self._generic(lm, input_ids, mask, position_ids, targets, keep, ls)
         mask, segments = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)
-        # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/recompute.py; a no-op
+        # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/models/recompute.py; a no-op
         # without grad, and inside checkpointed layers, whose own hooks take over)
         with recompute_cheap(self.recompute_cheap), packed_segments(segments):
             out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,

@@ -373,7 +373,7 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, opts, reduction, chunk, backend):
         h, y, idx, n_valid, N, row_mask = _prepare(hidden, weight, labels, bias, ignore_index)
-        # fp32 weight with 16-bit hidden (fastft's fp32 tied embedding, fastft/precision.py): the
+        # fp32 weight with 16-bit hidden (fastft's fp32 tied embedding, fastft/train/precision.py): the
         # GEMMs run in the hidden dtype on a copy rounded once per call, as autocast would; dWeight
         # still accumulates in fp32 and is returned in fp32 (ctx.w_dtype).
         w_run = weight if weight.dtype == h.dtype else weight.to(h.dtype)

@@ -16,7 +16,7 @@ Backends (one choice, :func:`rms_norm`): ``cpu`` (csrc/cpu/elementwise.cpp), ``t
 (kernels/rms_norm.py), ``cuda`` (csrc/cuda/elementwise.cu), ``torch``
 (:func:`rms_norm_reference`). The kernels take ``weight.dtype == x.dtype`` in fp32/bf16/fp16,
 or an fp32 weight with bf16/fp16 x (fastft keeps trainable norm weights in fp32,
-fastft/precision.py): then ``y = round_x(weight * round_x(x * r))`` is returned in x's dtype
+fastft/train/precision.py): then ``y = round_x(weight * round_x(x * r))`` is returned in x's dtype
 (HF's module would promote to fp32, and autocast's next matmul round it to x's dtype: the same
 values) and dweight is fp32. The CUDA kernels are not built for that mix: on CUDA it runs the
 reference. Other combinations run the reference (``promote_types`` result, HF's).

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Segments", "segments_from_cu_seqlens", "segments_from_ids", "segments_from_position_ids"]
+__all__ = ["Segments", "block_causal_mask", "sample_ids", "segments_from_cu_seqlens", "segments_from_ids",
+           "segments_from_position_ids"]
 
 
 class Segments:
@@ -165,3 +166,40 @@ def segments_from_ids(segment_ids: Tensor) -> Segments:
         raise ValueError(f"segment_ids {tuple(segment_ids.shape)} {segment_ids.dtype}: expected (B, T) ints")
     s = segment_ids
     return Segments.from_boundaries(torch.cat([torch.ones_like(s[:, :1], dtype=torch.bool), s[:, 1:] != s[:, :-1]], 1))
+
+
+def sample_ids(position_ids: Tensor) -> Tensor:
+    """Index of the sample each token belongs to: a new sample starts where position_ids is 0.
+
+    Args:
+        position_ids: ``(B, T)`` int64.
+
+    Returns:
+        ``(B, T)`` int64, e.g. positions ``[0,1,2,0,1,0]`` -> ``[1,1,1,2,2,3]``.
+    """
+    return (position_ids == 0).long().cumsum(-1)
+
+
+def block_causal_mask(position_ids: Tensor, attention_mask: Tensor | None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """4-D additive mask: token q attends to k iff k <= q, same sample, and k is not padding.
+
+    Args:
+        position_ids: ``(B, T)`` int64, restarting at 0 per packed sample.
+        attention_mask: ``(B, T)`` 0/1 padding mask or None.
+
+    Returns:
+        ``(B, 1, T, T)`` tensor of ``dtype``: 0 where allowed, ``finfo(dtype).min`` elsewhere.
+        A padding query still sees itself (position 0 starts its own sample), so no row is all
+        masked and softmax never produces NaN.
+    """
+    B, T = position_ids.shape
+    sid = sample_ids(position_ids)
+    same = sid[:, :, None] == sid[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = same & causal
+    if attention_mask is not None:
+        keep = attention_mask.bool()
+        allowed = allowed & keep[:, None, :] | torch.eye(T, dtype=torch.bool, device=position_ids.device)
+    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)

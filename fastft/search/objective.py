@@ -26,7 +26,7 @@ import torch
 from fastft.config import Config, save_config
 from fastft.errors import ConfigError, TrainingDiverged, UserError
 from fastft.train import seed_everything
-from fastft.trainer import Trainer
+from fastft.train.trainer import Trainer
 
 
 class Diverged(Exception):

@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from fastft.config import Config
-from fastft.metrics import atomic_write
 from fastft.search.space import Space, apply_params
 from fastft.search.storage import REASON_ATTR
+from fastft.train.metrics import atomic_write
 
 
 def _fmt(v) -> str:

@@ -1,7 +1,7 @@
 """Load once, train many: the model and tokenised data of a search, built per trial without
 reloading from disk, on the stages of :class:`fastft.train.Recipe`.
 
-``TrialBuilder.build(cfg)`` returns what ``fastft.train_cli.build(cfg)`` returns — (model,
+``TrialBuilder.build(cfg)`` returns what ``fastft.train.cli.build(cfg)`` returns — (model,
 tokenizer, bundle, device) — through the same recipe stages ``fastft train`` runs (load, data,
 adapt), so a trial trains exactly what a fresh ``fastft train`` process with that config
 would (tests/test_search.py checks this against a real ``fastft train`` subprocess). What it
@@ -79,7 +79,7 @@ class TrialBuilder:
         self._load(cfg)
 
     def build(self, cfg: Config):
-        """(model, tokenizer, bundle, device) for ``cfg``, as ``train_cli.build(cfg)`` gives."""
+        """(model, tokenizer, bundle, device) for ``cfg``, as ``fastft.train.cli.build(cfg)`` gives."""
         r = self.recipe
         if r is None or _load_key(cfg) != _load_key(r.cfg):
             if r is not None:

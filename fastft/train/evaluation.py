@@ -3,21 +3,24 @@
 :func:`loss_totals` is the loop (the trainer's held-out evaluation, ``fastft eval``, the per-task
 metrics hook all run it); :func:`lm_eval` turns its totals into ``eval_loss``/``eval_ppl``;
 :func:`make_metrics_hook` adds what the data asks for (classification metrics via
-:func:`fastft.data.classification.evaluate_classifier`, per-task losses).
+:func:`evaluate_classifier`, per-task losses).
 """
 from __future__ import annotations
 
 import math
 import os
 
-import torch
+from typing import Sequence
 
-from fastft import distributed as dist
-from fastft.data.classification import evaluate_classifier
+import torch
+from torch import nn
+
 from fastft.data.collate import Collator
 from fastft.models.loss import CausalLMLoss
+from fastft.train import distributed as dist
+from fastft.train.metrics import classification_metrics, write_confusion_matrix
 
-__all__ = ["lm_eval", "loss_totals", "make_metrics_hook"]
+__all__ = ["evaluate_classifier", "lm_eval", "loss_totals", "make_metrics_hook", "predict"]
 
 
 @torch.no_grad()
@@ -107,3 +110,34 @@ def make_metrics_hook(bundle, run_dir: str | os.PathLike | None, pad_id: int, ba
         return out
 
     return lm_hook
+
+
+@torch.no_grad()
+def predict(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 32) -> tuple[list[int], float]:
+    """Predicted class ids and mean cross-entropy of ``examples`` (model in eval mode meanwhile)."""
+    collate = Collator(pad_id)
+    was_training = model.training
+    model.eval()
+    preds, total = [], 0.0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size])
+            device = next(model.parameters()).device
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            total += nn.functional.cross_entropy(logits, batch["labels"].to(device), reduction="sum").item()
+            preds += logits.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    return preds, total / max(1, len(examples))
+
+
+def evaluate_classifier(model: nn.Module, examples: list[dict], label_names: Sequence[str], pad_id: int,
+                        batch_size: int = 32, run_dir: str | None = None, prefix: str = "confusion_matrix") -> dict:
+    """Metrics of ``model`` on ``examples``: ``eval_loss``, accuracy, precision, recall, macro_f1
+    (all floats; the full dict with the confusion matrix goes to ``run_dir`` when given)."""
+    preds, loss = predict(model, examples, pad_id, batch_size)
+    m = classification_metrics([e["label"] for e in examples], preds, label_names)
+    if run_dir:
+        write_confusion_matrix(run_dir, m, prefix)
+    return {"eval_loss": loss, **{k: m[k] for k in ("accuracy", "precision", "recall", "macro_f1")}}

@@ -42,7 +42,7 @@ stage              inputs                                      result
                                                                set sizes the head)
 ``data(bundle)``   cfg.data (or a ready ``DataBundle``)        ``bundle``
 ``adapt(cfg)``     cfg.model (patches), cfg.finetune, cfg.lora ``model`` ready to train, on ``device``
-``make_trainer``   run_dir, cfg.train                          a :class:`fastft.trainer.Trainer`:
+``make_trainer``   run_dir, cfg.train                          a :class:`fastft.train.trainer.Trainer`:
                                                                optimizer + schedule + loop
 ``train(run_dir)`` the above                                   the trainer's summary
 ``evaluate()``     examples (default: validation split)        ``{"eval_loss", "eval_ppl", ...}``
@@ -58,10 +58,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastft import distributed as dist
 from fastft.errors import ConfigError, UserError
-from fastft.lora import Int8Linear, remove_lora, set_module
-from fastft.precision import remove_fp32_hooks
+from fastft.models.lora import Int8Linear, remove_lora, set_module
+from fastft.train import distributed as dist
+from fastft.train.precision import remove_fp32_hooks
 
 __all__ = ["Recipe", "seed_everything"]
 
@@ -107,7 +107,7 @@ class Recipe:
             return self.device
         from transformers.utils import logging as hf_logging
 
-        from fastft.train_utils import resolve_device, resolve_dtype
+        from fastft.train.utils import resolve_device, resolve_dtype
 
         cfg = self.cfg
         hf_logging.disable_progress_bar()  # "Loading weights" bars would bury fastft's own output
@@ -131,7 +131,7 @@ class Recipe:
         ``DataBundle``). Classification reads the data first anyway: its label set sizes the head.
         """
         from fastft.data import build_datasets, preflight
-        from fastft.model_loading import load_model_and_tokenizer
+        from fastft.models.loading import load_model_and_tokenizer
 
         cfg = self.cfg
         if check_data:
@@ -139,8 +139,8 @@ class Recipe:
         self.setup()
         seed_everything(cfg.train.seed)
         if cfg.data.format == "classification":
-            from fastft.data.classification import load_classifier
-            from fastft.model_loading import load_tokenizer, materialize, resolve_package_path
+            from fastft.models.classifier import load_classifier
+            from fastft.models.loading import load_tokenizer, materialize, resolve_package_path
 
             tok = load_tokenizer(materialize(resolve_package_path(cfg.model.path), cfg.model.gguf_file))
             self.bundle = build_datasets(cfg.data, tok, seed=cfg.train.seed)
@@ -150,7 +150,7 @@ class Recipe:
                 cfg.model.path, self.bundle.label_names, dtype=self.dtype, gguf_file=cfg.model.gguf_file,
                 attn_implementation=cfg.model.attn_implementation)
         else:
-            # int8 base weights stream straight into int8 (fastft/int8_loading.py): the float
+            # int8 base weights stream straight into int8 (fastft/models/int8_loading.py): the float
             # model is never held whole, so an int8 recipe keeps them across trials (_model_key)
             model, tok, _ = load_model_and_tokenizer(cfg.model.path, cfg.model.gguf_file, dtype=self.dtype,
                                                      attn_implementation=cfg.model.attn_implementation,
@@ -183,8 +183,8 @@ class Recipe:
         ``finetune``, ``lora``, ``train``, ``data``-independent keys; a different ``model`` section
         needs a new :meth:`load`. Returns the model.
         """
-        from fastft.finetune import apply_freezing, setup_lora
-        from fastft.precision import keep_fp32_weights
+        from fastft.train.finetune import apply_freezing, setup_lora
+        from fastft.train.precision import keep_fp32_weights
 
         if self.model is None:
             raise UserError("Recipe.adapt(): call load() first")
@@ -214,19 +214,19 @@ class Recipe:
             model = setup_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
         apply_freezing(model, cfg.finetune)
         if self._new_params:
-            from fastft.data.classification import mark_trainable
+            from fastft.models.classifier import mark_trainable
 
             mark_trainable(model, self._new_params)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"finetune: mode={cfg.finetune.mode!r} with these regex/freeze settings leaves "
                               "no parameter to train")
         self._snapshot(model)
-        keep_fp32_weights(model, cfg.finetune)  # trainable embeddings/norms in fp32 (fastft/precision.py)
+        keep_fp32_weights(model, cfg.finetune)  # trainable embeddings/norms in fp32 (fastft/train/precision.py)
         if self.dtype != torch.float32 and cfg.finetune.mode != "lora" and cfg.data.format != "classification":
-            from fastft.model_loading import materialize
-            from fastft.precision import attach_fp32_sources
+            from fastft.models.loading import materialize
+            from fastft.train.precision import attach_fp32_sources
 
-            # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/precision.py)
+            # fp32 masters/embeddings from the fp32 source, as HF's fp32 weights (fastft/train/precision.py)
             attach_fp32_sources(model, materialize(cfg.model.path, cfg.model.gguf_file, None))
         self.model = model.to(self.device)
         if dist.world_size() > 1:  # weights and LoRA init are identical on every rank; dropout is not
@@ -282,9 +282,9 @@ class Recipe:
 
     # ------------------------------------------------------------------ train / eval / export
     def make_trainer(self, run_dir, metrics_hook=None):
-        """The optimizer, lr schedule and loop over the adapted model (``fastft.trainer.Trainer``).
+        """The optimizer, lr schedule and loop over the adapted model (``fastft.train.trainer.Trainer``).
         ``metrics_hook`` defaults to the data's (classification metrics, per-task losses)."""
-        from fastft.trainer import Trainer
+        from fastft.train.trainer import Trainer
 
         if not self._adapted:
             raise UserError("Recipe.make_trainer(): call adapt() first")
@@ -325,8 +325,8 @@ class Recipe:
         """Write the trained model: the PEFT-format adapter (lora) or a HF model folder, with the
         tokenizer. Returns ``out_dir``. An FSDP2-sharded model makes it collective: every rank
         calls it and rank 0 writes the gathered weights (the adapters only, for LoRA)."""
-        from fastft import checkpoint as ck
-        from fastft import dist_checkpoint as dcp_ck
+        from fastft.train import checkpoint as ck
+        from fastft.train import dist_checkpoint as dcp_ck
 
         out, is_lora, full = Path(out_dir), self.cfg.finetune.mode == "lora", None
         if dcp_ck.is_sharded(self.model):

@@ -1,11 +1,11 @@
 """``fastft bench``: fastft against stock Hugging Face on the same model, data, seeds and settings.
 
-Each side trains in its own subprocess (``fastft.bench_runners``): fastft, HF Trainer (+ PEFT)
+Each side trains in its own subprocess (``fastft.bench.runners``): fastft, HF Trainer (+ PEFT)
 eager and, when asked, HF with ``torch_compile=True`` (``--hf-compile``) or Liger kernels
 (``--hf-liger``, CUDA). Rounds alternate the order ABBA (HF..., fastft, then fastft, ...HF) so that
 neither side always runs first on a warming or cooling machine. Per workload (``--workload``:
 ``instruction`` = prompt-masked chat data, ``text`` = plain text with every position a target;
-``fastft.bench_data``) both sides get identical fixed-length rows in fastft's epoch order. The first
+``fastft.bench.data``) both sides get identical fixed-length rows in fastft's epoch order. The first
 ``--warmup`` (>= 2) steps of every run are not timed (for HF + compile they hold the compile time,
 which is reported separately).
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import click
 
-from fastft.bench_report import (BASELINE_NAMES, LOSS_RTOL, LOSS_RTOL_FIRST, append_history, compare,
+from fastft.bench.report import (BASELINE_NAMES, LOSS_RTOL, LOSS_RTOL_FIRST, append_history, compare,
                                  executed_flops_per_token, history_rows, loss_check, model_flops_per_token,
                                  plot, summarise)
 from fastft.runtime import TUNABLE, hugepage_env, stock_env
@@ -43,7 +43,7 @@ from fastft.runtime import TUNABLE, hugepage_env, stock_env
 __all__ = ["bench", "loss_check", "model_flops_per_token", "child_env", "round_order"]
 
 # the children run without the caller's folder on sys.path (see fastft/runtime.py)
-_RUNNER = "import sys; del sys.path[0]; from fastft.bench_runners import main; sys.exit(main(sys.argv[1:]))"
+_RUNNER = "import sys; del sys.path[0]; from fastft.bench.runners import main; sys.exit(main(sys.argv[1:]))"
 MALLOC_CHOICES = ("stock", "huge", "default")
 
 
@@ -163,7 +163,7 @@ def check_request(device: str, hf_liger: bool) -> None:
               help="packed rows instead: fastft packed vs padded vs causal vs HF + PEFT padding-free "
                    "(DataCollatorWithFlattening) on the same bundled samples, one process, target tokens/s "
                    "(BATCH rows of SEQ tokens); then one epoch of the bundled set packed vs unpacked "
-                   "(fastft/bench_packing.py)")
+                   "(fastft/bench/packing.py)")
 def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup, rounds, hf_compile, hf_liger,
           malloc, lr, seed, threads, out_dir, history, hf_base_dtype, fastft_override, packing):
     """Compare fastft with stock Hugging Face (Trainer + PEFT) on identical data, seeds and settings.
@@ -179,8 +179,8 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
         return _bench_packing(model, mode, device, batch, seq, rounds, seed, threads, out_dir, fastft_override)
     import torch
 
-    from fastft.bench_data import WORKLOAD_NAMES, build_rows
-    from fastft.bench_model import prepare_models
+    from fastft.bench.data import WORKLOAD_NAMES, build_rows
+    from fastft.bench.model import prepare_models
 
     if lr is None:
         # full fine-tuning at a LoRA lr (2e-4) takes sign-like first Adam steps of 2e-4 on every
@@ -256,11 +256,11 @@ def bench(model, model_config, mode, workload, device, batch, seq, steps, warmup
 
 
 def _bench_packing(model, mode, device, batch, seq, rounds, seed, threads, out_dir, overrides) -> None:
-    """``--packing``: fastft/bench_packing.py's step (with the HF padding-free side) and epoch
+    """``--packing``: fastft/bench/packing.py's step (with the HF padding-free side) and epoch
     comparisons; prints them and writes packing.md under ``--out``."""
     import types
 
-    from fastft.bench_packing import epoch, step
+    from fastft.bench.packing import epoch, step
 
     fastft_args = ["--model.path", model, "--finetune.mode", "lora" if mode == "int8" else mode,
                    "--train.device", device, "--train.seed", str(seed), "--data.max_length", str(seq)]
@@ -287,7 +287,7 @@ def gemm_rates_parent(device: str) -> dict:
     CUDA only the children measure, so that this process holds no CUDA context beside them."""
     if device == "cuda":
         return {}
-    from fastft.bench_runners import gemm_rates
+    from fastft.bench.runners import gemm_rates
 
     return gemm_rates("cpu")
 

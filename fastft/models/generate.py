@@ -21,10 +21,10 @@ def load_for_inference(model_path: str, gguf_file: str | None, adapter: str | No
     """(model in eval mode, tokenizer) with the adapter merged in when given."""
     import torch
 
-    from fastft.model_loading import load_model_and_tokenizer
+    from fastft.models.loading import load_model_and_tokenizer
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    from fastft.model_loading import resolve_package_path
+    from fastft.models.loading import resolve_package_path
 
     model_path, gguf_file, adapter = resolve_trained(model_path, gguf_file, adapter)
     model, tok, _ = load_model_and_tokenizer(resolve_package_path(model_path), gguf_file, dtype=dtypes[dtype])
@@ -69,7 +69,7 @@ def merge_adapter(model, adapter: str):
     import warnings
 
     from fastft.errors import ConfigError
-    from fastft.lora import load_adapter, merge_lora
+    from fastft.models.lora import load_adapter, merge_lora
 
     try:  # fastft's own PEFT-format loader: peft is only a test dependency
         load_adapter(model, adapter)

@@ -75,7 +75,7 @@ def build_rows(workload: str, tok, seq: int, n_rows: int, seed: int, out: Path,
     ``target_fraction`` (positions with a target after the shift) and how the ids were made.
 
     ``model_vocab``: the model's vocabulary size when it may differ from the tokenizer's."""
-    from fastft.trainer import epoch_order
+    from fastft.train.trainer import epoch_order
 
     ids, labels, n_examples = WORKLOADS[workload](tok, seq, seed)
     n_tok = len(ids)

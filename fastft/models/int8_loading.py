@@ -60,7 +60,7 @@ class SafetensorsReader:
 
 def _quantized_names(model: nn.Module, skip) -> list[str]:
     """The ``nn.Linear`` modules ``quantize_model_int8`` would replace (same rule)."""
-    from fastft.lora import _excluded_heads, _match
+    from fastft.models.lora import _excluded_heads, _match
 
     heads = _excluded_heads(model)
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in heads and not _match(n, skip)]
@@ -69,7 +69,7 @@ def _quantized_names(model: nn.Module, skip) -> list[str]:
 def _rebuild_meta_buffers(model: nn.Module) -> bool:
     """Re-create modules whose non-persistent buffers (e.g. rotary ``inv_freq``) are still on
     ``meta`` from ``model.config``, as their ``__init__`` computes them. False when one cannot be."""
-    from fastft.lora import _set_module
+    from fastft.models.lora import _set_module
 
     for name, mod in list(model.named_modules()):
         if any(b.is_meta for b in mod.buffers(recurse=False)):
@@ -92,7 +92,7 @@ def load_int8_causal_lm(folder: str, config, dtype: torch.dtype, attn_implementa
     streamed (the caller loads and quantises instead)."""
     from transformers import AutoModelForCausalLM
 
-    from fastft.lora import Int8Linear, _set_module
+    from fastft.models.lora import Int8Linear, _set_module
     from fastft.ops.lora_linear import quantize_int8
 
     reader = SafetensorsReader(folder)

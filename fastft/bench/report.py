@@ -70,7 +70,7 @@ def head_flops_per_token(cfg, mode: str) -> float:
 
 def executed_flops_per_token(cfg, seq: int, mode: str, target_fraction: float) -> float:
     """FLOPs fastft executes per token: its loss runs the lm_head only on positions that carry a
-    target (``fastft.train_utils.CausalLMLoss``), so the head's share shrinks to that fraction."""
+    target (``fastft.train.utils.CausalLMLoss``), so the head's share shrinks to that fraction."""
     return model_flops_per_token(cfg, seq, mode) - (1.0 - target_fraction) * head_flops_per_token(cfg, mode)
 
 

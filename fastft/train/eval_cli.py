@@ -59,8 +59,8 @@ def _load_classifier_checkpoint(model_path: str, adapter: str | None):
     """A trained sequence classifier: (model, tokenizer, label names from its config)."""
     from transformers import AutoModelForSequenceClassification
 
-    from fastft.generate import merge_adapter
-    from fastft.model_loading import load_tokenizer, materialize, resolve_package_path
+    from fastft.models.generate import merge_adapter
+    from fastft.models.loading import load_tokenizer, materialize, resolve_package_path
 
     folder = materialize(resolve_package_path(model_path))
     try:
@@ -89,9 +89,9 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
         raise UserError(f"--data {data!r}: no such file or directory")
     cfg = _data_cfg(fmt, max_length, columns, chat_template, train_on_inputs, on_bad_line)
     if fmt == "classification":
-        from fastft.data.classification import evaluate_classifier
+        from fastft.train.evaluation import evaluate_classifier
 
-        from fastft.generate import resolve_trained
+        from fastft.models.generate import resolve_trained
 
         model_path, _, adapter = resolve_trained(model_path, None, adapter)
         model, tok, names = _load_classifier_checkpoint(model_path, adapter)
@@ -101,7 +101,7 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
         metrics = evaluate_classifier(model, examples, names, tok.pad_token_id or 0, batch_size, output_dir)
         metrics["examples"] = len(examples)
     else:
-        from fastft.generate import load_for_inference
+        from fastft.models.generate import load_for_inference
 
         model, tok = load_for_inference(model_path, gguf_file, adapter)
         examples, counts = _load(data, fmt, tok, cfg)
@@ -109,7 +109,7 @@ def run_eval(model_path: str, data: str, fmt: str = "instruction", gguf_file: st
         metrics = evaluate_lm(model, examples, pad, batch_size)
     metrics["data"] = {k: v for k, v in counts.items() if v}
     if output_dir:
-        from fastft.metrics import atomic_write
+        from fastft.train.metrics import atomic_write
 
         atomic_write(Path(output_dir) / "eval_metrics.json", json.dumps(metrics, indent=1) + "\n")
     return metrics
@@ -138,7 +138,7 @@ def eval_cmd(model_path, gguf_file, adapter, data, fmt, max_length, batch_size, 
     m = run_eval(model_path, data, fmt, gguf_file, adapter, max_length, batch_size, columns, chat_template,
                  train_on_inputs, output_dir, on_bad_line)
     if fmt == "classification":
-        from fastft.metrics import format_metrics
+        from fastft.train.metrics import format_metrics
 
         click.echo(format_metrics({**m, "n": m["examples"]}) + f" eval_loss={m['eval_loss']:.4f}")
     else:

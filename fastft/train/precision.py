@@ -19,7 +19,7 @@ embedding and RMSNorm weights in fp32 while every matmul weight stays in the run
   support is not checked here;
 * a tied ``lm_head`` (the same Parameter as the embedding) gets a forward pre-hook casting its
   input to fp32, so HF's ordinary forward (eval, generation) gives fp32 logits; the training
-  loss (``fastft.train_utils.ce_sum``) casts the weight to the hidden dtype for its GEMMs.
+  loss (``fastft.train.utils.ce_sum``) casts the weight to the hidden dtype for its GEMMs.
 
 FusedAdamW keeps no master copy of fp32 parameters (they are their own master), so the
 optimizer's memory does not grow; the weights themselves grow by 2 bytes per element
@@ -38,7 +38,7 @@ _LOW = (torch.bfloat16, torch.float16)
 def trainable_eventually(model: nn.Module, ft_cfg) -> set[int]:
     """ids of the parameters that train now or after progressive unfreezing (``requires_grad``
     is left as it was)."""
-    from fastft.finetune import apply_freezing
+    from fastft.train.finetune import apply_freezing
 
     ids = {id(p) for p in model.parameters() if p.requires_grad}
     if ft_cfg.mode != "lora" and ft_cfg.unfreeze_after_steps > 0:

@@ -13,7 +13,7 @@ def save_merged(model, tokenizer, out: Path) -> None:
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=".merged.", dir=out.parent))
     try:
-        from fastft.lora import merge_lora
+        from fastft.models.lora import merge_lora
 
         merged = merge_lora(model) or model
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -10,7 +10,7 @@ forward (benchmarks/bench_recompute.py).
 How:
 
 * the op that makes such an output calls :func:`register` ``(out, fn, *args)`` right after
-  computing it (``fastft/hf_fast.py`` does for the fused ``rms_norm`` and ``swiglu``). The
+  computing it (``fastft/models/hf_fast.py`` does for the fused ``rms_norm`` and ``swiglu``). The
   registry holds ``out`` weakly (an entry dies with the tensor) and keys it by its storage;
 * :class:`recompute_cheap` is a ``saved_tensors_hooks`` context. Its pack hook replaces a saved
   tensor that is (a view of) a registered output by a small handle (the recipe plus the view's
@@ -69,13 +69,13 @@ class _Recipe:
         for a, v in zip(self.args, self.arg_versions):
             if v is not None and a._version != v:
                 raise RuntimeError(
-                    f"fastft.recompute: an input of {getattr(self.fn, '__name__', self.fn)!r} "
+                    f"fastft.models.recompute: an input of {getattr(self.fn, '__name__', self.fn)!r} "
                     f"(shape {tuple(a.shape)}) was modified in place after the forward (version {v} -> "
                     f"{a._version}); its output cannot be recomputed for backward")
         y = self.fn(*self.args)
         if y.shape != self.shape or y.dtype != self.dtype or y.device != self.device or not y.is_contiguous():
             raise RuntimeError(
-                f"fastft.recompute: {getattr(self.fn, '__name__', self.fn)!r} recomputed a "
+                f"fastft.models.recompute: {getattr(self.fn, '__name__', self.fn)!r} recomputed a "
                 f"{tuple(y.shape)} {y.dtype} tensor (contiguous={y.is_contiguous()}), expected a "
                 f"contiguous {tuple(self.shape)} {self.dtype} one like the registered output")
         return y

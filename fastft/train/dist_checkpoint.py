@@ -17,7 +17,7 @@ leaves the previous checkpoint as the newest loadable one.
 
 Resharding: DCP loads into whatever layout the model has now, so a checkpoint written with 2
 ranks resumes with 1 (a plain model: DCP runs without a process group) or 4; a single-process
-checkpoint (``fastft.checkpoint`` layout) resumes on N ranks through full state dicts. The data
+checkpoint (``fastft.train.checkpoint`` layout) resumes on N ranks through full state dicts. The data
 position is stored as (epoch, offset in the epoch's global permutation) and converted to the new
 world size's micro-batch counter.
 """
@@ -36,9 +36,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict,
                                                      set_state_dict)
 
-from fastft import checkpoint as ck
-from fastft import distributed as dist
 from fastft.errors import UserError
+from fastft.train import checkpoint as ck
+from fastft.train import distributed as dist
 
 _OPTS = StateDictOptions(ignore_frozen_params=True)
 # loading: the frozen weights come from the base model, so they are not "missing"; a trainable
@@ -111,7 +111,7 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
         rng = _rng_file(ckpt, dist.rank())
         st["rng"] = torch.load(rng, map_location="cpu", weights_only=False) if rng.is_file() else None
         return st
-    # a single-process checkpoint (fastft.checkpoint layout) on N ranks
+    # a single-process checkpoint (fastft.train.checkpoint layout) on N ranks
     st = ck.load_state(ckpt)
     if not is_sharded(model):
         ck.load_model_files(model, ckpt, is_lora)
@@ -183,7 +183,7 @@ def full_state_dict(model, trainable_only: bool = False) -> dict:
                                                               ignore_frozen_params=trainable_only))
     if not dist.is_main():
         return {}
-    # FSDP2 kept a 16-bit run's shards in fp32 (fastft.distributed._upcast_for_fsdp): write the
+    # FSDP2 kept a 16-bit run's shards in fp32 (fastft.train.distributed._upcast_for_fsdp): write the
     # dtypes a single-process run writes
     dtypes = getattr(model, "_fastft_export_dtypes", {})
     return {k: v.to(dtypes[k]) if k in dtypes else v for k, v in sd.items()}
@@ -193,7 +193,7 @@ def micro_pos_for(st: dict, micro_per_epoch: int, batch_size: int) -> int:
     """The micro-batch counter of this run that continues where the checkpoint stopped.
 
     Global micro-batch i of a run with per-rank batch b on N ranks is positions [i*b*N,
-    (i+1)*b*N) of its epoch's permutation (fastft.distributed.shard), so the position is
+    (i+1)*b*N) of its epoch's permutation (fastft.train.distributed.shard), so the position is
     (epoch, offset) and the new counter is epoch * micro_per_epoch + offset / (b' * N'),
     rounded up when the new global micro-batch does not divide the offset."""
     old_ws, old_b = st.get("world_size", 1), st.get("batch_size", batch_size)

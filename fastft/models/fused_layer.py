@@ -18,8 +18,8 @@ Packed rows (several samples per row, or a pad tail; :mod:`fastft.ops.segments`)
 the attention takes the rows' sample layout instead of a mask, and RoPE the per-sample cos/sin
 HF computed from the position ids ((B, T, D) tables).
 
-A projection is a frozen ``nn.Linear``, an :class:`fastft.lora.Int8Linear`, or an unmerged
-:class:`fastft.lora.LoRALinear` (its A and B are the node's differentiable inputs). Anything
+A projection is a frozen ``nn.Linear``, an :class:`fastft.models.lora.Int8Linear`, or an unmerged
+:class:`fastft.models.lora.LoRALinear` (its A and B are the node's differentiable inputs). Anything
 else — trainable norms or base weights (full / partial fine-tuning), Qwen3's q/k norms, an
 attention mask (packed and right-padded rows come without one, see above), a KV cache, gradient
 checkpointing, forward hooks (HF's output capture; FSDP2's own excepted), a ``torch`` backend
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from fastft import _backend
-from fastft.lora import Int8Linear, LoRALinear
+from fastft.models.lora import Int8Linear, LoRALinear
 from fastft.ops.attention import attention_bwd, attention_fwd, attention_kernel_ok
 from fastft.ops.lora_linear import (Int8Weight, int8_linear_bwd, int8_linear_fwd, linear_backend, lora_linear_bwd,
                                     lora_linear_fwd)

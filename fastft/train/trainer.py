@@ -6,7 +6,7 @@ divided by that step total, so accumulation over k micro-batches gives the same 
 batch k times larger (not the mean of per-micro-batch means that HF fixed in late 2024).
 
 Precision: weights live in the run dtype (bf16 on this CPU), except trainable embeddings and
-RMSNorm weights, kept in fp32 as autocast does (fastft/precision.py: bf16 hid their first Adam
+RMSNorm weights, kept in fp32 as autocast does (fastft/train/precision.py: bf16 hid their first Adam
 updates); the other trainable parameters get fp32 master copies inside the optimizer; no
 autocast (on CPU it re-casts fp32 weights every forward: 227 tok/s with autocast vs 295 tok/s
 with bf16 weights, ENVIRONMENT.md). fp16 adds dynamic loss scaling (GPU only). Gradients
@@ -38,16 +38,16 @@ from typing import Callable
 
 import torch
 
-from fastft import checkpoint as ck
-from fastft import dist_checkpoint as dcp_ck
-from fastft import distributed as dist
 from fastft.data import DataBundle
 from fastft.data.collate import Collator
 from fastft.errors import ConfigError, TrainingDiverged
-from fastft.finetune import apply_freezing, param_groups
-from fastft.train.evaluation import lm_eval
 from fastft.ops.fused_linear_cross_entropy import check_labels
-from fastft.train_utils import CausalLMLoss, LrSchedule, build_optimizer, set_lr
+from fastft.train import checkpoint as ck
+from fastft.train import dist_checkpoint as dcp_ck
+from fastft.train import distributed as dist
+from fastft.train.evaluation import lm_eval
+from fastft.train.finetune import apply_freezing, param_groups
+from fastft.train.utils import CausalLMLoss, LrSchedule, build_optimizer, set_lr
 
 MetricsHook = Callable[..., dict]  # (model, tokenizer, bundle, step) -> {"name": float}
 
@@ -88,13 +88,13 @@ class Trainer:
         self.strategy = dist.resolve_strategy(self.t.distributed, cfg.finetune.mode, dist.world_size())
         dist.check_supported(self.strategy, cfg)
         if getattr(data, "label_names", None):  # sequence classification: (B,) labels
-            from fastft.data.classification import ClassificationLoss
+            from fastft.models.classifier import ClassificationLoss
 
             self.loss_mod = ClassificationLoss(model, cfg.train.label_smoothing)
         else:
             self.loss_mod = CausalLMLoss(model, cfg.train.label_smoothing, cfg.model.fused_ce,
                                          cfg.model.recompute_cheap)
-        # DDP around the loss module, or FSDP2 sharding it in place (fastft/distributed.py);
+        # DDP around the loss module, or FSDP2 sharding it in place (fastft/train/distributed.py);
         # before the optimizer, which must see FSDP2's sharded parameters
         self.ddp = dist.wrap(self.loss_mod, self.strategy, device, self.log)
         if self.strategy != "none":
@@ -319,7 +319,7 @@ class Trainer:
     # ---------------------------------------------------------------- main loop
     def train(self) -> dict:
         """Run to ``total_steps`` (or early stop / Ctrl-C). Returns a summary dict."""
-        from fastft.progress import Progress
+        from fastft.train.progress import Progress
 
         self._open_tensorboard()
         eval_before = self.evaluate() if self.step == 0 else {}
@@ -475,7 +475,7 @@ class Trainer:
             shutil.rmtree(out)
         tmp.rename(out)
         if self.is_lora and self.cfg.output.save_merged:
-            from fastft.merge import save_merged
+            from fastft.models.merge import save_merged
 
             save_merged(self.model, self.tokenizer, self.run_dir / "merged")
         dist.barrier()

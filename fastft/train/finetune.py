@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from fastft.lora import Int8Linear
+from fastft.models.lora import Int8Linear
 
 HEAD_RE = re.compile(r"(^|\.)(lm_head|score|classifier)\.")
 LAYER_RE = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.block\.(\d+)\.")
@@ -164,11 +164,11 @@ def param_table(model: nn.Module) -> str:
 
 
 def setup_lora(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.Module:
-    """Inject adapters (fastft.lora) and optionally quantise the frozen base to int8.
+    """Inject adapters (fastft.models.lora) and optionally quantise the frozen base to int8.
 
     Returns the model to train (the same object: adapters are injected in place).
     """
-    from fastft.lora import inject_lora, quantize_model_int8
+    from fastft.models.lora import inject_lora, quantize_model_int8
 
     if lora_cfg.int8_base:
         quantize_model_int8(model, skip=["lm_head"])
@@ -185,13 +185,13 @@ def setup_lora(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.M
 def save_adapter(model: nn.Module, out_dir: str, weights: dict | None = None) -> None:
     """Write the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors);
     ``weights``: gathered full values of the trainable parameters (FSDP2), by parameter name."""
-    from fastft.lora import save_adapter as _save
+    from fastft.models.lora import save_adapter as _save
 
     _save(model, out_dir, weights)
 
 
 def load_adapter(model: nn.Module, in_dir: str) -> None:
     """Load adapter weights saved by ``save_adapter`` into an already-injected model."""
-    from fastft.lora import load_adapter as _load
+    from fastft.models.lora import load_adapter as _load
 
     _load(model, in_dir)

@@ -30,7 +30,7 @@ Supported ``config.model_type``: llama, mistral, qwen2, qwen3 (checked against t
 The projections are looked up at call time, so LoRA/PEFT wrappers applied afterwards still work.
 ``unpatch_blocks(model)`` restores the original forwards.
 
-Inside :class:`fastft.recompute.recompute_cheap` (fastft's training loss enters it when
+Inside :class:`fastft.models.recompute.recompute_cheap` (fastft's training loss enters it when
 ``model.recompute_cheap`` is on) the fused RMSNorm and SwiGLU outputs are registered, so the
 projections' saved copies of them are rebuilt in backward instead of kept.
 """
@@ -45,12 +45,12 @@ import weakref
 import torch
 from torch import nn
 
-from fastft import recompute
-from fastft.fused_layer import fused_layer_forward, layer_plan
+from fastft.models import recompute
+from fastft.models.fused_layer import fused_layer_forward, layer_plan
 from fastft.ops.attention import causal_attention, packed_rows_supported
-from fastft.ops.segments import Segments
 from fastft.ops.rms_norm import rms_norm, rms_norm_node_backend
 from fastft.ops.rope import rope
+from fastft.ops.segments import Segments
 from fastft.ops.swiglu import swiglu, swiglu_node_backend
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "fallbacks", "packed_segments", "patch_blocks", "routes_attention", "supported",
@@ -152,7 +152,7 @@ def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     y = rms_norm(hidden_states, self.weight, self.variance_epsilon)
     # The fused op saves x (contiguous: the same storage) and the weight for its own backward, so
     # q/k/v or gate/up need not save y again for their weight gradients: it is rebuilt from those
-    # in backward (fastft/recompute.py; 2 x 1.125 MiB per SmolLM2 layer at 4x256 bf16). The
+    # in backward (fastft/models/recompute.py; 2 x 1.125 MiB per SmolLM2 layer at 4x256 bf16). The
     # reference path saves fp32 copies instead of x: nothing to gain there.
     backend = rms_norm_node_backend(y) if recompute.active() else None
     if backend is not None and hidden_states.is_contiguous():
@@ -164,7 +164,7 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = swiglu(gate, up)
     # The fused op saves gate and up (contiguous: the same storages): down_proj's saved copy of h
-    # is rebuilt from them in backward (fastft/recompute.py; 3 MiB per SmolLM2 layer).
+    # is rebuilt from them in backward (fastft/models/recompute.py; 3 MiB per SmolLM2 layer).
     backend = swiglu_node_backend(h) if recompute.active() else None
     if backend is not None and gate.is_contiguous() and up.is_contiguous():
         recompute.register(h, swiglu, gate, up, backend)
@@ -252,7 +252,7 @@ def _rope_dispatcher(original):
 
 
 def _layer_forward(self, hidden_states, *args, **kwargs):
-    """A whole decoder layer as one autograd node (fastft/fused_layer.py) when the call and the
+    """A whole decoder layer as one autograd node (fastft/models/fused_layer.py) when the call and the
     layer allow it (frozen norms and base weights, no mask/cache/hooks), else HF's forward."""
     plan = None
     if not args:
@@ -289,7 +289,7 @@ def patch_blocks(model: nn.Module, attention: bool = True, layers: bool = True) 
     """Route ``model``'s RMSNorm, SwiGLU MLP and rotary embedding through the fused ops,
     (``attention``) plain causal SDPA calls through :func:`fastft.ops.attention.causal_attention`,
     and (``layers``, needs ``attention``) whole decoder layers with frozen weights through
-    :mod:`fastft.fused_layer`.
+    :mod:`fastft.models.fused_layer`.
 
     Returns the number of modules patched per kind (``{"rms_norm": n, "mlp": n, "rope": n,
     "attention": n, "layer": n}``, attention counting the rope-patched modules that also route

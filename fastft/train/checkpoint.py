@@ -100,7 +100,7 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dic
     """Adapter (PEFT format) for LoRA, else a full HF folder; the tokenizer next to it.
     ``state_dict``: the full weights to write instead of the model's own (FSDP's gathered shards;
     for LoRA the trainable ones suffice)."""
-    from fastft.finetune import save_adapter
+    from fastft.train.finetune import save_adapter
 
     # the gathered copy when given: the model's own parameters are then DTensor shards, whose
     # reductions are collectives that only this rank would enter
@@ -109,7 +109,7 @@ def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dic
     if is_lora:
         save_adapter(model, str(out / "adapter"), state_dict)
     else:
-        from fastft.precision import record_run_dtype
+        from fastft.train.precision import record_run_dtype
 
         extra = {} if state_dict is None else {"state_dict": state_dict}
         model.save_pretrained(str(out / "model"), safe_serialization=True, **extra)
@@ -168,7 +168,7 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
 def load_model_files(model, ckpt: Path, is_lora: bool) -> None:
     """Restore the trainable weights saved by ``save_model_files`` into ``model`` in place."""
     if is_lora:
-        from fastft.finetune import load_adapter
+        from fastft.train.finetune import load_adapter
 
         load_adapter(model, str(ckpt / "adapter"))
         return

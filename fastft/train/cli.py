@@ -75,7 +75,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to clobber a previous run; returns the checkpoint to resume from (or None)."""
-    from fastft.checkpoint import list_checkpoints
+    from fastft.train.checkpoint import list_checkpoints
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
@@ -117,8 +117,8 @@ def _rows_phrase(stats: dict, max_length: int) -> str:
 def run(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
         metrics_hook=None) -> dict:
     """Programmatic ``fastft train``; returns the trainer summary plus ``run_dir``."""
-    from fastft import distributed as dist
-    from fastft.finetune import param_table
+    from fastft.train import distributed as dist
+    from fastft.train.finetune import param_table
 
     cfg = resolve_config(config, overrides, resume)
     if overwrite:
@@ -137,7 +137,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         trainer.resume_from(ckpt)
     if dist.is_main():  # all validation passed: now touch the disk
         if ckpt is not None:
-            from fastft.checkpoint import remove_debris
+            from fastft.train.checkpoint import remove_debris
 
             remove_debris(run_dir)  # half-written folders of a crashed save
         if run_dir.exists() and cfg.output.overwrite and not resume:
@@ -182,7 +182,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
         if summary.get("test"):
             t = summary["test"]
             click.echo(f"test loss: {t['test_loss']:.4f} (ppl {t['test_ppl']:.2f})")
-        from fastft.plot import NO_MATPLOTLIB, write_curves
+        from fastft.train.plot import NO_MATPLOTLIB, write_curves
 
         try:
             click.echo(f"curves: {write_curves(run_dir) or NO_MATPLOTLIB}")
@@ -202,7 +202,7 @@ def train(args: tuple[str, ...]) -> None:
     key; `--resume` continues the run in output.dir; `--overwrite` replaces it. With no
     arguments: LoRA on the embedded SmolLM2-135M-Instruct with the bundled instruction data.
     """
-    from fastft.distributed import RankLost
+    from fastft.train.distributed import RankLost
 
     config, overrides, resume, overwrite = split_args(list(args))
     try:

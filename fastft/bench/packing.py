@@ -103,8 +103,8 @@ def step(args, overrides: list[str]) -> str:
     import torch
 
     from fastft.config import load_config
-    from fastft.train_cli import build
-    from fastft.train_utils import CausalLMLoss
+    from fastft.train.cli import build
+    from fastft.train.utils import CausalLMLoss
 
     cfg = load_config(None, ["--data.packing", "false", "--data.max_length", str(args.seq), *overrides])
     model, tok, bundle, _ = build(cfg)
@@ -167,7 +167,7 @@ def _hf_padding_free(cfg, chosen: list[dict], dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    from fastft.model_loading import materialize
+    from fastft.models.loading import materialize
 
     if cfg.finetune.mode != "lora":
         raise SystemExit("--hf compares LoRA steps (finetune.mode=lora)")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastft.errors import ConfigError
-from fastft.train_utils import unwrap
+from fastft.train.utils import unwrap
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
@@ -85,7 +85,7 @@ def check_supported(strategy: str, cfg) -> None:
     if strategy != "fsdp":
         return
     if cfg.finetune.mode == "lora" and cfg.lora.int8_base:
-        # int8 weights are module buffers (fastft.lora.Int8Linear), which FSDP2 never shards:
+        # int8 weights are module buffers (fastft.models.lora.Int8Linear), which FSDP2 never shards:
         # every rank would still hold the whole int8 base
         raise ConfigError("train.distributed=fsdp with lora.int8_base: FSDP2 does not shard int8 base weights "
                           "(buffers); use train.distributed=ddp, or a 16-bit base with fsdp")
@@ -240,9 +240,9 @@ def wrap(loss_mod: nn.Module, strategy: str, device: torch.device, log=print) ->
 @torch.no_grad()
 def _upcast_for_fsdp(module: nn.Module) -> torch.dtype | None:
     """FSDP2 needs one dtype for the trainable parameters of a sharded group, but a bf16 run
-    keeps trainable norms and embeddings in fp32 (fastft/precision.py), and FusedAdamW keeps no
+    keeps trainable norms and embeddings in fp32 (fastft/train/precision.py), and FusedAdamW keeps no
     separate masters for sharded 16-bit parameters. So a run with 16-bit weights stores every
-    trainable weight in fp32 (exact fp32 source values where fastft.precision attached them)
+    trainable weight in fp32 (exact fp32 source values where fastft.train.precision attached them)
     and FSDP2's MixedPrecisionPolicy casts the shards to the run dtype before the all-gather: the
     communication and the compute stay 16-bit, and the fp32 shards are AdamW's masters. Frozen
     weights (a LoRA run's base) stay 16-bit: FSDP2 only asks trainable ones for one dtype.

@@ -10,7 +10,7 @@ side loads the same weights the way it loads any checkpoint). Real weights do no
 travel to a GPU machine, and speed does not need them. The rows are tokenised with ``--model``'s
 tokenizer when it can be loaded, else with a word-level tokenizer built from the bundled data
 (no download; the GPU machines do not have the SmolLM2 package); when that tokenizer's vocabulary
-differs from the config's, the rows get random ids (``fastft.bench_data.randomize_ids``).
+differs from the config's, the rows get random ids (``fastft.bench.data.randomize_ids``).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def tokenizer_for(model: str):
     """(tokenizer, description): ``model``'s tokenizer, or the bundled word-level one when
     ``model`` cannot be loaded here (e.g. the SmolLM2 package is not installed)."""
     from fastft.errors import UserError
-    from fastft.model_loading import load_tokenizer, materialize
+    from fastft.models.loading import load_tokenizer, materialize
 
     try:
         folder = materialize(model)
@@ -86,7 +86,7 @@ def build_random_model(config_path: str, tok, seed: int) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastft.model_loading import cache_dir
+    from fastft.models.loading import cache_dir
 
     cfg = read_model_config(config_path)
     text = Path(config_path).read_text()
@@ -118,7 +118,7 @@ def prepare_models(model: str, model_config: str | None, seed: int) -> tuple[dic
     and, for a config, the model's vocab size (``vocab``) for the rows' ids."""
     import torch
 
-    from fastft.model_loading import load_tokenizer, materialize
+    from fastft.models.loading import load_tokenizer, materialize
 
     if model_config:
         cfg = read_model_config(model_config)  # fail on a bad file before building anything

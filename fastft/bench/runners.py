@@ -1,6 +1,6 @@
 """The sides of ``fastft bench``, each run in its own process.
 
-``python -m fastft.bench_runners SPEC.json OUT.json`` reads a spec written by ``fastft.bench``
+``python -m fastft.bench.runners SPEC.json OUT.json`` reads a spec written by ``fastft.bench.cli``
 (side, device, model folder, mode, batch, steps, lr, seed, the path of the shared tokenised rows)
 and writes per-step wall times, losses, token counts, peak memory and the process settings it ran
 with (malloc pages, threads).
@@ -10,7 +10,7 @@ with (malloc pages, threads).
   autocast (``bf16=True``) when the device has bf16 units, ``optim="adamw_torch_fused"``, SDPA
   attention, sequential sampling of rows that the parent already put in fastft's epoch order;
   ``hf_compile`` adds ``torch_compile=True``, ``hf_liger`` ``use_liger_kernel=True`` (CUDA).
-* ``fastft``: ``fastft.train_cli.build`` + ``fastft.trainer.Trainer`` with a ``Config``, i.e. the
+* ``fastft``: ``fastft.train.cli.build`` + ``fastft.train.trainer.Trainer`` with a ``Config``, i.e. the
   code path of ``fastft train``, fed the same rows.
 
 Step time on every side is the wall time between consecutive optimizer-step ends (data, forward,
@@ -116,7 +116,7 @@ def bf16_supported(device: str = "cpu") -> bool:
 
 def load_rows(path: str, in_step_order: bool) -> list[dict]:
     """The shared rows (``input_ids``/``labels`` lists of one length). ``in_step_order``: permuted
-    into the order fastft's Trainer draws them (``fastft.trainer.epoch_order``), for a sequential
+    into the order fastft's Trainer draws them (``fastft.train.trainer.epoch_order``), for a sequential
     reader; otherwise as stored, for fastft's Trainer to permute itself."""
     d = torch.load(path)
     order = d["order"] if in_step_order else range(d["input_ids"].shape[0])
@@ -221,8 +221,8 @@ def run_hf(spec: dict) -> dict:
 def run_fastft(spec: dict) -> dict:
     from fastft.config import load_config
     from fastft.data import DataBundle
-    from fastft.train_cli import build
-    from fastft.trainer import Trainer
+    from fastft.train.cli import build
+    from fastft.train.trainer import Trainer
 
     mode = spec["mode"]
     device = spec.get("device", "cpu")

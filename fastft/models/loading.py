@@ -218,7 +218,7 @@ def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = 
 
     ``dropout`` (when not None) overrides the config's attention/hidden dropout probabilities.
     ``int8_base``: the base linears (all but the output head) come as int8 ``Int8Linear`` layers,
-    loaded straight into int8 (fastft/int8_loading.py); when the architecture cannot be streamed
+    loaded straight into int8 (fastft/models/int8_loading.py); when the architecture cannot be streamed
     the model loads in ``dtype`` (said once) and ``quantize_model_int8`` does it afterwards.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -238,7 +238,7 @@ def load_model_and_tokenizer(path: str = DEFAULT_MODEL, gguf_file: str | None = 
         kwargs["attn_implementation"] = attn_implementation
     model = None
     if int8_base:
-        from fastft.int8_loading import load_int8_causal_lm
+        from fastft.models.int8_loading import load_int8_causal_lm
 
         try:
             model = load_int8_causal_lm(folder, config, dtype, attn_implementation)
