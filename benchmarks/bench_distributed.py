@@ -3,7 +3,7 @@
 
     python benchmarks/bench_distributed.py [--model default|tiny|PATH] [--mode lora|full]
         [--batch 8] [--seq 256] [--steps 6] [--warmup 2] [--dtype auto|bf16|fp32]
-        [--ranks 2] [--device cpu|cuda]
+        [--ranks 2] [--device cpu|cuda] [--strategy auto|ddp|fsdp]
 
 Same global batch (``--batch`` sequences of ``--seq`` tokens per optimizer step, fixed-length
 rows of random token ids) in three settings, each in fresh processes:
@@ -12,14 +12,15 @@ rows of random token ids) in three settings, each in fresh processes:
 * ``1p x 2t``: one process, 2 threads (CPU only: the fair baseline for 2 ranks on 2 cores);
 * ``2r x 1t``: torch.distributed (gloo on CPU, NCCL with ``--device cuda``, one GPU per rank),
   ``--ranks`` ranks x 1 thread, batch/ranks per rank, through fastft's own Trainer
-  (``train.distributed=auto``: DDP for LoRA, FSDP2 for full).
+  (``--strategy`` = ``train.distributed``; ``auto``: DDP for LoRA, FSDP2 for full; ``fsdp``
+  with LoRA shards the frozen base too).
 
 Correctness first: the 2-rank run's per-step losses must equal the 1-process losses (same global
 batches; rel 1e-5 in fp32, 2e-2 in bf16) or no timing is printed. Communication share: inside
 the 2-rank job, the collectives of one step are replayed alone with the same sizes (DDP: one
-all-reduce of the trainable gradients; FSDP2: all-gather of the parameters in forward and again
-in backward, reduce-scatter of the gradients) and their median time divided by the median step
-time. Results: benchmarks/results/distributed.{csv,md} (with machine and versions).
+all-reduce of the trainable gradients; FSDP2: all-gather of every parameter in forward and again
+in backward, in the gathered dtype, and reduce-scatter of the trainable gradients in fp32) and
+their median time divided by the median step time. Results: benchmarks/results/distributed.{csv,md} (with machine and versions).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def worker(spec: dict) -> None:
         "--train.batch_size", str(spec["batch"] // world), "--train.max_steps", str(total),
         "--train.scheduler", "constant", "--train.progress", "false", "--output.tensorboard", "false",
         "--data.val_ratio", "0", "--lora.dropout", "0", "--model.dropout", "0", "--train.device", spec["device"],
-        "--output.dir", spec["run_dir"]])
+        "--train.distributed", spec["strategy"], "--output.dir", spec["run_dir"]])
     model, tok, bundle, device = build(cfg, bundle=DataBundle(train=rows))
     tr = Trainer(cfg, Path(spec["run_dir"]), model, tok, bundle, device, log=lambda s: None)
     times, losses = [], []
@@ -102,18 +103,27 @@ def comm_time(tr, reps: int) -> float:
             for b in bufs:
                 tdist.all_reduce(b)
     else:
-        sizes: dict = {}
+        # a 16-bit run keeps fp32 shards and gathers them in the run dtype (MixedPrecisionPolicy,
+        # fastft.distributed.wrap); gradients are reduced in fp32
+        low = set(getattr(tr.model, "_fastft_export_dtypes", {}).values()) & {torch.bfloat16, torch.float16}
+        gather: dict = {}
         for p in tr.model.parameters():
             local = dist.to_local(p)
-            sizes[local.dtype] = sizes.get(local.dtype, 0) + local.numel()
-        shards = [torch.zeros(n, dtype=dt, device=tr.device) for dt, n in sizes.items()]
-        fulls = [torch.zeros(n * ws, dtype=dt, device=tr.device) for dt, n in sizes.items()]
+            dt = next(iter(low)) if low else local.dtype
+            gather[dt] = gather.get(dt, 0) + local.numel()
+        reduce_n = sum(dist.to_local(p).numel() for p in trainable)  # LoRA: the adapters only
+        g_bufs = [(torch.zeros(n, dtype=dt, device=tr.device), torch.zeros(n * ws, dtype=dt, device=tr.device))
+                  for dt, n in gather.items()]
+        r_shard, r_full = (torch.zeros(n, device=tr.device) for n in (reduce_n, reduce_n * ws))
+        # torch 2.13 renamed the collectives (the old names warn); older torch has only the old ones
+        all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
+        reduce_scatter = getattr(tdist, "reduce_scatter_single", None) or tdist.reduce_scatter_tensor
 
         def once():
-            for s, f in zip(shards, fulls):
-                tdist.all_gather_into_tensor(f, s)  # forward
-                tdist.all_gather_into_tensor(f, s)  # backward (resharded after forward)
-                tdist.reduce_scatter_tensor(s, f)  # gradients
+            for s, f in g_bufs:
+                all_gather(f, s)  # forward
+                all_gather(f, s)  # backward (resharded after forward)
+            reduce_scatter(r_shard, r_full)  # gradients
     ts = []
     for _ in range(reps + 1):
         dist.barrier()
@@ -160,6 +170,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     ap.add_argument("--ranks", type=int, default=2, help="ranks of the distributed run (GPUs with --device cuda)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"),
+                    help="train.distributed of the multi-rank run (auto: ddp for lora, fsdp for full)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -173,7 +185,7 @@ def main() -> None:
 
         model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="fastft-bench-tiny-")) / "model"))
     spec = {"model": model, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
-            "warmup": a.warmup, "dtype": a.dtype, "device": a.device}
+            "warmup": a.warmup, "dtype": a.dtype, "device": a.device, "strategy": a.strategy}
     multi = f"{a.ranks}r x 1t"
     runs = {"1p x 1t": launch(spec, 1, 1)}
     if a.device == "cpu":
@@ -201,7 +213,7 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     lines = [f"# bench_distributed ({machine}; {time.strftime('%Y-%m-%d %H:%M')})", "",
-             f"{a.mode}, model {a.model}, global batch {a.batch} x {a.seq}; losses of 2 ranks = 1 process "
+             f"{a.mode} ({a.strategy}), model {a.model}, global batch {a.batch} x {a.seq}; losses of 2 ranks = 1 process "
              f"(rel {rel:g})", "", "| setting | strategy | median step (s) | tokens/s | comm share |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['strategy']} | {r['median_step_s']} | {r['tokens_per_s']} | {r['comm_share']} |"

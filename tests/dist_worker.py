@@ -24,9 +24,14 @@ SCENARIOS = {
                  "--train.distributed", "ddp"],
     "fsdp_full": ["--finetune.mode", "full", "--train.lr", "2e-3", "--train.max_grad_norm", "0.3",
                   "--train.distributed", "fsdp"],
+    # FSDP2 of the frozen base with LoRA adapters (the 70B LoRA case): the adapters are sharded too
+    "fsdp_lora": ["--finetune.mode", "lora", "--lora.r", "4", "--train.lr", "1e-2", "--train.max_grad_norm", "0.3",
+                  "--train.distributed", "fsdp"],
     # the real embedded model (SmolLM2-135M), short rows: tests/test_distributed_smollm2.py
     "smol_lora": ["--finetune.mode", "lora", "--lora.r", "8", "--train.lr", "1e-3", "--train.max_grad_norm", "0.3",
                   "--train.distributed", "ddp", "--data.max_length", "64"],
+    "smol_fsdp_lora": ["--finetune.mode", "lora", "--lora.r", "8", "--train.lr", "1e-3", "--train.max_grad_norm",
+                       "0.3", "--train.distributed", "fsdp", "--data.max_length", "64"],
 }
 STEPS = 3
 
@@ -46,22 +51,62 @@ def run_scenario(tiny: str, name: str, world: int, out_dir: Path) -> dict:
     from fastft.train import dist_checkpoint as dcp_ck
     from fastft.train import distributed as dist
     from fastft.config import load_config
-    from fastft.train.cli import build
-    from fastft.train.trainer import Trainer
+    from fastft.train import Recipe
 
     cfg = load_config(None, ["--model.path", tiny, "--output.dir", str(out_dir), *scenario_args(name, world)])
-    model, tok, bundle, device = build(cfg)
-    tr = Trainer(cfg, out_dir, model, tok, bundle, device, log=lambda s: None)
+    recipe = Recipe(cfg, log=lambda s: None)
+    recipe.load()
+    recipe.data()
+    model = recipe.adapt()
+    tr = recipe.make_trainer(out_dir)
     ev = tr.evaluate(hook=False)  # 19 validation rows: 2 ranks get 10 + 9 (+1 pad)
-    recs = [tr.train_step() for _ in range(STEPS)]
+    fused = _count_fused_layers()
+    try:
+        recs = [tr.train_step() for _ in range(STEPS)]
+    finally:
+        fused_calls = fused.pop()()
     if tr.strategy == "fsdp":
         weights = dcp_ck.full_state_dict(model)
     else:
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
+    export = _read_export(recipe.export(out_dir / "export"), cfg.finetune.mode == "lora")  # collective
+    return {"export": export,"loss": [r["loss"] for r in recs], "grad_norm": [r["grad_norm"] for r in recs],
             "target_tokens": [r["target_tokens"] for r in recs], "strategy": tr.strategy, "eval": ev,
+            "fused_layer_calls": fused_calls,
+            "frozen_dtypes": {p.dtype for p in model.parameters() if not p.requires_grad},
             "weights": {n: w for n, w in weights.items() if n in trainable}, "rank": dist.rank()}
+
+
+def _read_export(out: Path, is_lora: bool) -> dict:
+    """The tensors ``Recipe.export`` wrote (rank 0; {} on the other ranks, which write nothing)."""
+    from safetensors.torch import load_file
+
+    from fastft.train import distributed as dist
+
+    if not dist.is_main():
+        return {}
+    files = [out / "adapter" / "adapter_model.safetensors"] if is_lora else sorted((out / "model").glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def _count_fused_layers() -> list:
+    """Count the decoder layers that run as one fused node (fastft/models/fused_layer.py) from now on;
+    returns [stop], where stop() undoes the wrapper and gives the count."""
+    from fastft.models import hf_fast
+
+    orig, n = hf_fast.fused_layer_forward, [0]
+
+    def counted(*a, **k):
+        n[0] += 1
+        return orig(*a, **k)
+
+    hf_fast.fused_layer_forward = counted
+
+    def stop() -> int:
+        hf_fast.fused_layer_forward = orig
+        return n[0]
+    return [stop]
 
 
 def _inject(bug: str):

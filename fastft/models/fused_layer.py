@@ -22,8 +22,8 @@ A projection is a frozen ``nn.Linear``, an :class:`fastft.models.lora.Int8Linear
 :class:`fastft.models.lora.LoRALinear` (its A and B are the node's differentiable inputs). Anything
 else — trainable norms or base weights (full / partial fine-tuning), Qwen3's q/k norms, an
 attention mask (packed and right-padded rows come without one, see above), a KV cache, gradient
-checkpointing, forward hooks (HF's output capture), a ``torch`` backend forced for any of the ops
-— runs the per-op path (:func:`layer_plan` says which), so this is purely a speed path: the
+checkpointing, forward hooks (HF's output capture; FSDP2's own excepted), a ``torch`` backend
+forced for any of the ops — runs the per-op path (:func:`layer_plan` says which), so this is purely a speed path: the
 per-op path is its test oracle.
 
 Saved for backward (per layer, 4x256 SmolLM2 bf16): what the ops save (h, h2 and rstd for the
@@ -48,6 +48,12 @@ from fastft.ops.lora_linear import (Int8Weight, int8_linear_bwd, int8_linear_fwd
 from fastft.ops.rms_norm import rms_norm_bwd, rms_norm_fwd, rms_norm_kernel_ok
 from fastft.ops.rope import rope_bwd, rope_fwd, rope_kernel_ok
 from fastft.ops.swiglu import swiglu_bwd, swiglu_fwd
+
+try:  # FSDP2's per-module state (its hooks are bound methods of it); absent without distributed
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState as _FSDPState
+except ImportError:
+    class _FSDPState:  # nothing is an instance
+        pass
 
 __all__ = ["layer_plan", "fused_layer_forward"]
 
@@ -126,8 +132,12 @@ class _Plan:
 
 
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
+    """Any hook but FSDP2's own: those (unshard before the layer's forward, reshard after it,
+    reduce-scatter after its backward) act on the layer's parameters and boundary tensors, which
+    the node takes as they are at call time, so a sharded layer keeps the fused path."""
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values(),
+             *(getattr(m, "_backward_pre_hooks", None) or {}).values()]
+    return any(not isinstance(getattr(h, "__self__", None), _FSDPState) for h in hooks)
 
 
 def layer_plan(layer: nn.Module, hidden_states: Tensor, attention_mask, past_key_values, use_cache,

@@ -310,24 +310,28 @@ def _task_type(model: nn.Module) -> str:
     return "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM"
 
 
-def save_adapter(model: nn.Module, out_dir: str) -> None:
+def save_adapter(model: nn.Module, out_dir: str, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's format.
 
     Every LoRA layer's A/B, plus every trainable parameter outside the adapters (a new
     ``score``/``classifier`` head) as PEFT ``modules_to_save`` (key ``base_model.model.<param>``).
+    ``weights``: the trainable parameters' full values by ``named_parameters`` name, written
+    instead of the model's own (FSDP2 holds only shards: fastft.dist_checkpoint gathers them).
     """
     from safetensors.torch import save_file
 
     mods = _lora_modules(model)
     if not mods:
         raise UserError("save_adapter: the model has no LoRA layers (call inject_lora first)")
+    params = dict(model.named_parameters())
+    value = (lambda n: params[n].detach()) if weights is None else (lambda n: weights[n])  # noqa: E731
     state, to_save = {}, set()
-    for name, m in mods.items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        state[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
-    for name, p in model.named_parameters():
+    for name in mods:
+        state[f"{PREFIX}{name}.lora_A.weight"] = value(f"{name}.lora_A.weight").contiguous()
+        state[f"{PREFIX}{name}.lora_B.weight"] = value(f"{name}.lora_B.weight").contiguous()
+    for name, p in params.items():
         if p.requires_grad and ".lora_A." not in name and ".lora_B." not in name:
-            state[PREFIX + name] = p.detach().contiguous()
+            state[PREFIX + name] = value(name).contiguous()
             to_save.add(name.rpartition(".")[0].rpartition(".")[2])
     first = next(iter(mods.values()))
     info = getattr(model, "_fastft_lora", {})
@@ -387,13 +391,25 @@ def load_adapter(model: nn.Module, in_dir: str) -> nn.Module:
             raise UserError(f"adapter {in_dir!r}: tensor {key!r} has shape {tuple(t.shape)}, this model "
                             f"expects {tuple(p.shape)} (adapter trained on a different base model?)")
         with torch.no_grad():
-            p.copy_(t)
+            _copy_into(p, t)
         seen.add(name)
     missing = [f"{n}.{ab}.weight" for n in mods for ab in ("lora_A", "lora_B") if f"{n}.{ab}.weight" not in seen]
     if missing:
         raise UserError(f"adapter {in_dir!r}: no weights for {len(missing)} LoRA tensors of this model, "
                         f"e.g. {missing[0]!r} (different target_modules?)")
     return model
+
+
+def _copy_into(p: torch.Tensor, t: torch.Tensor) -> None:
+    """``p.copy_(t)``; an FSDP2-sharded ``p`` (DTensor) takes this rank's part of the full ``t``
+    (every rank read the whole file, so no communication)."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # torch without distributed
+        DTensor = ()
+    if isinstance(p, DTensor):
+        t = distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(t)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

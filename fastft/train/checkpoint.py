@@ -98,12 +98,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model_files(model, tokenizer, out: Path, is_lora: bool, state_dict: dict | None = None) -> None:
     """Adapter (PEFT format) for LoRA, else a full HF folder; the tokenizer next to it.
-    ``state_dict``: the full weights to write instead of the model's own (FSDP's gathered shards)."""
+    ``state_dict``: the full weights to write instead of the model's own (FSDP's gathered shards;
+    for LoRA the trainable ones suffice)."""
     from fastft.train.finetune import save_adapter
 
-    check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, str(out))
+    # the gathered copy when given: the model's own parameters are then DTensor shards, whose
+    # reductions are collectives that only this rank would enter
+    check_finite(state_dict if state_dict is not None else
+                 {n: p for n, p in model.named_parameters() if p.requires_grad}, str(out))
     if is_lora:
-        save_adapter(model, str(out / "adapter"))
+        save_adapter(model, str(out / "adapter"), state_dict)
     else:
         from fastft.train.precision import record_run_dtype
 

@@ -61,12 +61,15 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
     name = [None]
     if dist.is_main():
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        ck.remove_debris(ckpt_root.parent)  # what an earlier killed save left (as ck.save_checkpoint)
         name[0] = tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=ckpt_root)
     tdist.broadcast_object_list(name, src=0)
     tmp = Path(name[0])
     try:
         msd, osd = get_state_dict(model, optimizer, options=_OPTS)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        # the PEFT adapter of every checkpoint: FSDP2's LoRA shards are gathered to rank 0 first
+        adapter = full_state_dict(model, trainable_only=True) if is_lora and is_sharded(model) else None
         _rng_file(tmp, dist.rank()).parent.mkdir(exist_ok=True)
         torch.save(state.pop("rng"), _rng_file(tmp, dist.rank()))
         if dist.is_main():
@@ -74,7 +77,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
                         "fp32_shards": bool(getattr(model, "_fastft_export_dtypes", None))},
                        tmp / "trainer_state.pt")
             if is_lora:
-                ck.save_model_files(model, tokenizer, tmp, is_lora)
+                ck.save_model_files(model, tokenizer, tmp, is_lora, state_dict=adapter)
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.is_main():
             if final.exists():  # re-saving the same step (Ctrl-C right after a periodic save)
@@ -110,33 +113,48 @@ def load(ckpt: Path, model, optimizer, is_lora: bool) -> dict:
         return st
     # a single-process checkpoint (fastft.train.checkpoint layout) on N ranks
     st = ck.load_state(ckpt)
-    if not _sharded(model):
+    if not is_sharded(model):
         ck.load_model_files(model, ckpt, is_lora)
         optimizer.load_state_dict(st["optimizer"])
     else:
-        _load_full_into_sharded(model, optimizer, ckpt, st["optimizer"])
+        _load_full_into_sharded(model, optimizer, ckpt, st["optimizer"], is_lora)
     st["world_size"] = st.get("world_size", 1)
     if dist.rank() != 0:
         st["rng"] = None  # only rank 0's RNG was saved
     return st
 
 
-def _sharded(model) -> bool:
+def load_weights(ckpt: Path, model) -> None:
+    """Collective: the trainable weights of DCP checkpoint ``ckpt`` into ``model`` in its
+    current layout (FSDP2 shards, DDP replicas or one process), e.g. the best checkpoint at the
+    end of a run; the optimizer state is not read."""
+    msd = get_model_state_dict(model, options=_OPTS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": msd}, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_model_state_dict(model, msd, options=_LOAD_OPTS)
+
+
+def is_sharded(model) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _load_full_into_sharded(model, optimizer, ckpt: Path, osd: dict) -> None:
-    """HF weights + an index-keyed optimizer state dict (one process) into FSDP2's shards."""
+def _load_full_into_sharded(model, optimizer, ckpt: Path, osd: dict, is_lora: bool = False) -> None:
+    """HF weights (or a PEFT adapter) + an index-keyed optimizer state dict (one process) into
+    FSDP2's shards."""
     from safetensors.torch import load_file
 
-    state = {}
-    for f in sorted((ckpt / "model").glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    if not state:
-        raise UserError(f"checkpoint {ckpt}: no model/*.safetensors to resume full fine-tuning from")
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    if is_lora:  # each rank copies its part of every adapter tensor into its shard
+        ck.load_model_files(model, ckpt, is_lora)
+    else:
+        state = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        if not state:
+            raise UserError(f"checkpoint {ckpt}: no model/*.safetensors to resume full fine-tuning from")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     # torch.optim state dicts key parameters by their position in the param groups; DCP's
     # full optimizer state dict keys them by name
     names = {id(p): n for n, p in model.named_parameters()}
@@ -158,9 +176,11 @@ def _offsets(groups: list[dict]) -> list[int]:
     return out
 
 
-def full_state_dict(model) -> dict:
-    """Collective: the whole model's weights as plain CPU tensors on rank 0 ({} elsewhere)."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model, trainable_only: bool = False) -> dict:
+    """Collective: the whole model's weights (``trainable_only``: only those that train, e.g. the
+    LoRA adapters of a frozen sharded base) as plain CPU tensors on rank 0 ({} elsewhere)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=trainable_only))
     if not dist.is_main():
         return {}
     # FSDP2 kept a 16-bit run's shards in fp32 (fastft.train.distributed._upcast_for_fsdp): write the

@@ -13,6 +13,8 @@ job instead of hanging it). The strategy (``train.distributed``):
 * ``fsdp``: FSDP2 ``fully_shard`` on every decoder layer, then on the root (the loss module, so
   its forward gathers the embeddings, final norm and head). Parameters, gradients and optimizer
   state are sharded on dim 0 (DTensor ``Shard(0)``); ``auto`` picks it for full fine-tuning.
+  With LoRA (a base too big for one device) the frozen base and the adapters are sharded alike;
+  only the adapters get gradients, and exports gather only them to rank 0.
 
 Maths (identical for both strategies, so N ranks x batch B/N = 1 rank x batch B): each rank takes
 a disjoint, deterministic share of every global batch (:func:`shard`); the step's target tokens
@@ -82,9 +84,14 @@ def check_supported(strategy: str, cfg) -> None:
         raise ConfigError(f"finetune.unfreeze_after_steps is not supported with train.distributed={strategy}")
     if strategy != "fsdp":
         return
-    if cfg.finetune.mode == "lora":
-        raise ConfigError("train.distributed=fsdp with finetune.mode=lora: the adapters are small, use "
-                          "train.distributed=ddp (or auto)")
+    if cfg.finetune.mode == "lora" and cfg.lora.int8_base:
+        # int8 weights are module buffers (fastft.models.lora.Int8Linear), which FSDP2 never shards:
+        # every rank would still hold the whole int8 base
+        raise ConfigError("train.distributed=fsdp with lora.int8_base: FSDP2 does not shard int8 base weights "
+                          "(buffers); use train.distributed=ddp, or a 16-bit base with fsdp")
+    if cfg.finetune.mode == "lora" and cfg.output.save_merged:
+        raise ConfigError("output.save_merged with train.distributed=fsdp: the merge needs the whole base "
+                          "model on one rank; merge the final adapter afterwards in one process")
     if cfg.data.format == "classification":
         raise ConfigError("train.distributed=fsdp with data.format=classification is not supported; use ddp")
 
@@ -219,8 +226,8 @@ def wrap(loss_mod: nn.Module, strategy: str, device: torch.device, log=print) ->
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
-        log(f"train.distributed=fsdp: sharded weights are kept in fp32 (their own AdamW masters) and "
-            f"gathered as {str(low).split('.')[1]} for compute, norms and embeddings included")
+        log(f"train.distributed=fsdp: trainable sharded weights are kept in fp32 (their own AdamW masters), "
+            f"frozen ones as they are, and all are gathered as {str(low).split('.')[1]} for compute")
     layers = decoder_layers(loss_mod.model)
     if not layers:
         log("train.distributed=fsdp: no decoder layer list found; sharding the whole model as one unit")
@@ -232,11 +239,13 @@ def wrap(loss_mod: nn.Module, strategy: str, device: torch.device, log=print) ->
 
 @torch.no_grad()
 def _upcast_for_fsdp(module: nn.Module) -> torch.dtype | None:
-    """FSDP2 needs one parameter dtype per sharded group, but a bf16 run keeps trainable norms
-    and embeddings in fp32 (fastft/train/precision.py). So a run with 16-bit weights stores every
-    weight in fp32 (exact fp32 source values where fastft.train.precision attached them) and FSDP2's
-    MixedPrecisionPolicy casts the shards to the run dtype before the all-gather: the
-    communication and the compute stay 16-bit, and the fp32 shards are AdamW's masters.
+    """FSDP2 needs one dtype for the trainable parameters of a sharded group, but a bf16 run
+    keeps trainable norms and embeddings in fp32 (fastft/train/precision.py), and FusedAdamW keeps no
+    separate masters for sharded 16-bit parameters. So a run with 16-bit weights stores every
+    trainable weight in fp32 (exact fp32 source values where fastft.train.precision attached them)
+    and FSDP2's MixedPrecisionPolicy casts the shards to the run dtype before the all-gather: the
+    communication and the compute stay 16-bit, and the fp32 shards are AdamW's masters. Frozen
+    weights (a LoRA run's base) stay 16-bit: FSDP2 only asks trainable ones for one dtype.
     Returns the run dtype (None for an fp32 run: nothing to do). The original dtypes are kept in
     ``module._fastft_export_dtypes`` so the final export matches a single-process run's."""
     low = {p.dtype for p in module.parameters()} & {torch.bfloat16, torch.float16}
@@ -247,7 +256,7 @@ def _upcast_for_fsdp(module: nn.Module) -> torch.dtype | None:
     module._fastft_export_dtypes = {n: p.dtype for n, p in module.named_parameters()}
     for p in module.parameters():
         src = p.__dict__.pop("_fastft_master_init", None)
-        if p.dtype != torch.float32:
+        if p.requires_grad and p.dtype != torch.float32:
             p.data = src if src is not None and src.shape == p.shape else p.data.float()
     return low.pop()
 

@@ -182,11 +182,12 @@ def setup_lora(model: nn.Module, lora_cfg, gradient_checkpointing: bool) -> nn.M
 
 
 
-def save_adapter(model: nn.Module, out_dir: str) -> None:
-    """Write the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+def save_adapter(model: nn.Module, out_dir: str, weights: dict | None = None) -> None:
+    """Write the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors);
+    ``weights``: gathered full values of the trainable parameters (FSDP2), by parameter name."""
     from fastft.models.lora import save_adapter as _save
 
-    _save(model, out_dir)
+    _save(model, out_dir, weights)
 
 
 def load_adapter(model: nn.Module, in_dir: str) -> None:

@@ -323,12 +323,18 @@ class Recipe:
 
     def export(self, out_dir) -> Path:
         """Write the trained model: the PEFT-format adapter (lora) or a HF model folder, with the
-        tokenizer. Returns ``out_dir``."""
+        tokenizer. Returns ``out_dir``. An FSDP2-sharded model makes it collective: every rank
+        calls it and rank 0 writes the gathered weights (the adapters only, for LoRA)."""
         from fastft.train import checkpoint as ck
+        from fastft.train import dist_checkpoint as dcp_ck
 
-        out = Path(out_dir)
+        out, is_lora, full = Path(out_dir), self.cfg.finetune.mode == "lora", None
+        if dcp_ck.is_sharded(self.model):
+            full = dcp_ck.full_state_dict(self.model, trainable_only=is_lora)
+            if not dist.is_main():
+                return out
         out.mkdir(parents=True, exist_ok=True)
-        ck.save_model_files(self.model, self.tokenizer, out, self.cfg.finetune.mode == "lora")
+        ck.save_model_files(self.model, self.tokenizer, out, is_lora, state_dict=full)
         return out
 
 

@@ -446,7 +446,10 @@ class Trainer:
             self.log(f"train.load_best_at_end: the best checkpoint (step {self.best_step}) is missing; "
                      "final/ keeps the last weights")
             return False
-        ck.load_model_files(self.model, path, self.is_lora)
+        if dcp_ck.is_dcp(path):  # every rank reads its part (FSDP2 shards have no plain files)
+            dcp_ck.load_weights(path, self.model)
+        else:
+            ck.load_model_files(self.model, path, self.is_lora)
         self.log(f"final weights: the best evaluation's, step {self.best_step} "
                  f"({self.t.early_stopping_metric} {self.best:.4g}; train.load_best_at_end)")
         return True
@@ -462,7 +465,7 @@ class Trainer:
         """``<run>/final``: adapter (PEFT) or HF model + tokenizer; ``<run>/merged`` on request.
         Under FSDP every rank first sends its shards to rank 0 (the same plain HF files as one
         process writes)."""
-        full = dcp_ck.full_state_dict(self.model) if self.strategy == "fsdp" else None
+        full = dcp_ck.full_state_dict(self.model, trainable_only=self.is_lora) if self.strategy == "fsdp" else None
         if not dist.is_main():
             dist.barrier()
             return
