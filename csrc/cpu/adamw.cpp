@@ -75,7 +75,7 @@ inline __attribute__((always_inline)) double sumsq_span(const void* base, int64_
   return acc[0];
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 double sumsq_chunk(const void* base, int dtype, int64_t start, int64_t len) {
   switch (dtype) {
     case kFloat32: return sumsq_span<kFloat32>(base, start, len);
@@ -173,7 +173,7 @@ inline __attribute__((always_inline)) void update_dt(const ParamPtrs& t, const A
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void update_chunk(const ParamPtrs& t, const AdamWScalars& s, int64_t start, int64_t len) {
   // Grads are either the param dtype or fp32; fp32 params have fp32 grads (checked in Python).
   if (t.pdt == kFloat32) {

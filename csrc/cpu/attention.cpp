@@ -209,7 +209,7 @@ void gemm(bool at, const float* A, int64_t lda, const float* B, int64_t ldb, flo
 // Conversions between the I/O dtype and the fp32 work buffers. The glue (conversions, softmax,
 // score gradients) carries target_clones like the other CPU kernels: in the default x86-64 build
 // it ran as SSE2 code and took 18% of the kernel's time next to 29% for the GEMM tiles.
-#define FASTFT_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define FASTFT_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 template <int DT>
 inline __attribute__((always_inline)) void load_impl(const void* base, int64_t st, int64_t rows, int64_t D,

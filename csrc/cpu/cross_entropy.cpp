@@ -252,7 +252,7 @@ bool have_avx512() {
 RowOut ce_row_any(void* row, int dtype, int64_t V, int64_t y, float scale, const CEParams& p,
                   bool write_grad);
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 RowOut ce_row_dispatch(void* row, int dtype, int64_t V, int64_t y, float scale, const CEParams& p,
                        bool write_grad) {
   const bool cap = p.softcap > 0.0f;

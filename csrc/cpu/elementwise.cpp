@@ -98,7 +98,7 @@ inline __attribute__((always_inline)) void rms_fwd_rows(const void* xp, const vo
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void rms_fwd_chunk(int dt, const void* x, const void* w, int wdt, void* y, float* rstd, int64_t lo, int64_t hi,
                    int64_t n, float eps) {
   switch (dt) {
@@ -137,7 +137,7 @@ inline __attribute__((always_inline)) void rms_bwd_rows(const void* dyp, const v
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void rms_bwd_chunk(int dt, const void* dy, const void* x, const void* w, int wdt, const float* rstd, void* dx,
                    float* dw_acc, int64_t lo, int64_t hi, int64_t n) {
   switch (dt) {
@@ -275,7 +275,7 @@ inline __attribute__((always_inline)) void swiglu_bwd_span(const void* gp, const
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void swiglu_fwd_chunk(int dt, const void* g, const void* u, void* y, int64_t lo, int64_t hi) {
   switch (dt) {
     case kFloat32: swiglu_fwd_span<kFloat32>(g, u, y, lo, hi); break;
@@ -284,7 +284,7 @@ void swiglu_fwd_chunk(int dt, const void* g, const void* u, void* y, int64_t lo,
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void swiglu_bwd_chunk(int dt, const void* g, const void* u, const void* dy, void* dg, void* du, int64_t lo,
                       int64_t hi) {
   switch (dt) {
@@ -372,7 +372,7 @@ inline __attribute__((always_inline)) void rope_dt(const RopeArgs& a, int64_t lo
   else rope_rows<DT, false>(a, lo, hi);
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void rope_chunk(int dt, const RopeArgs& a, int64_t lo, int64_t hi) {
   switch (dt) {
     case kFloat32: rope_dt<kFloat32>(a, lo, hi); break;

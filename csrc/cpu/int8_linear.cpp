@@ -33,7 +33,7 @@ inline uint16_t from_float<uint16_t>(float v) { return float_to_bf16(v); }
 
 // One row of the tile: out[c] = q[c] * s. Vectorised by the compiler per target clone.
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 void dequant_row(const int8_t* __restrict q, float s, T* __restrict out, int64_t cols) {
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c) out[c] = from_float<T>(int8_dequant(q[c], s));
