@@ -534,6 +534,43 @@ def test_int8_base_peak_memory_below_bf16(wide_model, tmp_path):
     assert i <= 0.95 * b, f"int8 run grew {i:.0f} MB, bf16 {b:.0f} MB (x{i / b:.2f})"
 
 
+def test_run_releases_the_model_before_plotting(tiny, tmp_path, monkeypatch):
+    """The curves are drawn after the run's model (with its optimizer, trainer and recipe) is
+    released: matplotlib's import and figure (~25 MB) then reuse that memory instead of raising
+    the whole process's peak RSS (issue 19 compares whole-process peaks). Was: all alive until
+    run() returned, and the plot raised both runs' peak by 24 MB on SmolLM2."""
+    import weakref
+
+    import fastft.train.plot as plot
+    from fastft.train.recipe import Recipe
+
+    refs = []
+    adapt, make_trainer, draw = Recipe.adapt, Recipe.make_trainer, plot.write_curves
+
+    def spy_adapt(self, *a, **k):
+        m = adapt(self, *a, **k)
+        refs.extend([weakref.ref(m), weakref.ref(self)])
+        return m
+
+    def spy_trainer(self, *a, **k):
+        t = make_trainer(self, *a, **k)
+        refs.append(weakref.ref(t))
+        return t
+
+    alive = []
+
+    def check(*a, **k):
+        alive.extend(r() is not None for r in refs)
+        return draw(*a, **k)
+
+    monkeypatch.setattr(Recipe, "adapt", spy_adapt)
+    monkeypatch.setattr(Recipe, "make_trainer", spy_trainer)
+    monkeypatch.setattr(plot, "write_curves", check)
+    s = run(None, args(tiny, tmp_path / "r", "--train.max_steps", "2"))
+    assert s["steps"] == 2 and len(refs) == 3
+    assert alive == [False] * 3, f"alive when plotting (model, recipe, trainer): {alive}"
+
+
 def test_param_table_counts_int8_weights(tiny):
     from fastft.config import load_config
     from fastft.train.finetune import param_table

@@ -16,13 +16,14 @@ lacks) fall back to load-then-quantise, said once.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import struct
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastft.runtime import trim_heap as _malloc_trim
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -150,11 +151,3 @@ def load_int8_causal_lm(folder: str, config, dtype: torch.dtype, attn_implementa
     model.config._name_or_path = str(folder)
     _malloc_trim()
     return model.eval()
-
-
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them after many mid-sized frees)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
