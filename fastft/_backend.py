@@ -220,6 +220,8 @@ def describe() -> dict:
     if dev == "cpu" and choices.get("attention", "").startswith("cpu") and hasattr(ext, "attention_bf16_dot"):
         dot = ext.attention_has_bf16_dot() and ext.attention_bf16_dot()
         choices["attention"] += ", bf16 inputs: " + ("AVX512-BF16 dot products" if dot else "fp32 FMA tiles")
+    if dev == "cpu" and choices.get("attention", "").startswith("cpu") and hasattr(ext, "attention_tile_isas"):
+        choices["attention"] += f", fp32 tiles: {ext.attention_tile_isas()[-1]}"
     info["ops"] = choices
     info["ops_by_device"] = ops_by_device()
     return info

@@ -37,6 +37,20 @@ def bf16_dot(request):
     ext.attention_bf16_dot(prev)
 
 
+# The fp32 GEMM tiles come in one variant per instruction set (plain C++, AVX2+FMA, AVX-512);
+# each test below runs every variant this CPU can execute (all three on an AVX-512 machine).
+TILE_ISAS = _backend.cpu_ext().attention_tile_isas() if CPU_BUILT else ["generic"]
+
+
+@pytest.fixture(params=TILE_ISAS)
+def tile_isa(request):
+    """Forces the CPU kernel's fp32 tiles to one instruction set for one test and restores auto."""
+    ext = _backend.cpu_ext()
+    prev = ext.attention_tile_isa("auto" if request.param == "avx512" else request.param)
+    yield request.param
+    ext.attention_tile_isa(prev)
+
+
 def _inputs(shape, dtype, layout="bthd", seed=0):
     b, hq, hkv, t, d = shape
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +88,7 @@ NAMES = ("out", "dq", "dk", "dv")
 @needs_cpu
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("layout", ["bthd", "bhtd"])
-def test_fp32_matches_reference(shape, layout):
+def test_fp32_matches_reference(shape, layout, tile_isa):
     q, k, v, dout = _inputs(shape, torch.float32, layout)
     ours = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
     ref = _reference(q, k, v, dout)
@@ -85,7 +99,7 @@ def test_fp32_matches_reference(shape, layout):
 @needs_cpu
 @pytest.mark.parametrize("dtype,bf16_dot", LOW_PRECISION, indirect=["bf16_dot"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_low_precision_error_within_2x_of_sdpa(shape, dtype, bf16_dot):
+def test_low_precision_error_within_2x_of_sdpa(shape, dtype, bf16_dot, tile_isa):
     q, k, v, dout = _inputs(shape, dtype)
     ref = _reference(q, k, v, dout)
     ours = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
@@ -94,6 +108,27 @@ def test_low_precision_error_within_2x_of_sdpa(shape, dtype, bf16_dot):
         scale = r.abs().max().item()
         err, terr = (a - r).abs().max().item(), (t - r).abs().max().item()
         assert err <= 2 * terr + 1e-3 * scale, f"{name}: {err:.3g} vs SDPA {dtype} {terr:.3g}"
+
+
+@needs_cpu
+def test_tile_isa_switch():
+    """The switch really changes the tiles (results differ in the last bits between the plain and
+    the FMA tiles on the same input) and rejects what this CPU cannot run."""
+    ext = _backend.cpu_ext()
+    assert ext.attention_tile_isa() == "auto"
+    with pytest.raises(ValueError, match="expected auto, generic"):
+        ext.attention_tile_isa("sse9")
+    if "avx2" not in TILE_ISAS:
+        pytest.skip("no AVX2+FMA on this CPU")
+    q, k, v, dout = _inputs((1, 3, 1, 90, 40), torch.float32)
+    outs = {}
+    for isa in ("generic", "avx2"):
+        ext.attention_tile_isa(isa)
+        try:
+            outs[isa] = _run(lambda a, b, c: causal_attention(a, b, c, forced="cpu"), q, k, v, dout)
+        finally:
+            ext.attention_tile_isa("auto")
+    assert any(not torch.equal(a, b) for a, b in zip(outs["generic"], outs["avx2"]))
 
 
 @needs_cpu

@@ -191,6 +191,46 @@ def test_later_saves_remove_only_fastft_debris(tmp_path):
     assert names == sorted([".step-keep", "notes", "step-000003"]) + sorted([".git", "checkpoints"])
 
 
+def test_resaving_a_step_never_leaves_it_missing(tmp_path, monkeypatch):
+    """Re-saving an existing step swaps the folders: a crash at the rename must leave a complete
+    step-000003 (the old code deleted it first, then renamed: a kill in between lost both)."""
+    from fastft import atomic_files
+    from fastft.train import checkpoint as ck
+
+    root = tmp_path / "run" / "checkpoints"
+    model = _Saveable(torch.nn.Linear(2, 2))
+    ck.save_checkpoint(root, 3, model, None, False, {"optimizer": {}, "tag": "old"})
+    with torch.no_grad():
+        model.inner.weight.add_(1.0)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed at the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(atomic_files.shutil, "rmtree", crash)  # killed before the old copy is gone
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(root, 3, model, None, False, {"optimizer": {}, "tag": "new"})
+    monkeypatch.undo()
+    step = root / "step-000003"
+    assert torch.load(step / "trainer_state.pt")["tag"] == "new"
+    w = load_file(str(step / "model" / "model.safetensors"))["inner.weight"]
+    assert torch.equal(w, model.inner.weight.detach())
+    ck.remove_debris(root.parent)  # the old copy under its temp name is debris now
+    assert sorted(x.name for x in root.iterdir()) == ["step-000003"]
+
+
+def test_replace_dir_without_atomic_exchange_keeps_a_copy(tmp_path, monkeypatch):
+    from fastft import atomic_files
+
+    src, dst = tmp_path / ".new", tmp_path / "final"
+    for d, text in ((src, "new"), (dst, "old")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)
+    atomic_files.replace_dir(src, dst)
+    assert (dst / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
 class _Saveable(torch.nn.Module):
     """A model with save_pretrained, enough for save_checkpoint's non-LoRA path."""
 

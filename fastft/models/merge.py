@@ -1,10 +1,11 @@
 """Merge LoRA adapters into the base weights and save a plain Hugging Face model folder."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from fastft.atomic_files import replace_dir
 
 
 def save_merged(model, tokenizer, out: Path) -> None:
@@ -18,9 +19,7 @@ def save_merged(model, tokenizer, out: Path) -> None:
         merged = merge_lora(model) or model
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastft.atomic_files import replace_dir
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 # temp names of tempfile.mkdtemp/mkstemp (8 random characters) used by this module, the trainer's
 # final/ save and save_config
@@ -128,9 +130,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, is_lora: bool,
     try:
         save_model_files(model, tokenizer, tmp, is_lora)
         torch.save(state, tmp / "trainer_state.pt")
-        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

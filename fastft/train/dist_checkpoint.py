@@ -23,7 +23,6 @@ world size's micro-batch counter.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
@@ -36,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict,
                                                      set_state_dict)
 
+from fastft.atomic_files import replace_dir
 from fastft.errors import UserError
 from fastft.train import checkpoint as ck
 from fastft.train import distributed as dist
@@ -80,9 +80,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, tokenizer, is_lora: bool,
                 ck.save_model_files(model, tokenizer, tmp, is_lora, state_dict=adapter)
         dist.barrier()  # every rank's shards and RNG are on disk
         if dist.is_main():
-            if final.exists():  # re-saving the same step (Ctrl-C right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # re-saving the same step (Ctrl-C right after a periodic save)
     except BaseException:
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)

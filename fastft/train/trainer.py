@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from fastft.atomic_files import replace_dir
 from fastft.data import DataBundle
 from fastft.data.collate import Collator
 from fastft.errors import ConfigError, TrainingDiverged
@@ -469,15 +470,12 @@ class Trainer:
         if not dist.is_main():
             dist.barrier()
             return
-        import shutil
         import tempfile
 
         out = self.run_dir / "final"
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=self.run_dir))
         ck.save_model_files(self.model, self.tokenizer, tmp, self.is_lora, state_dict=full)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
         if self.is_lora and self.cfg.output.save_merged:
             from fastft.models.merge import save_merged
 
