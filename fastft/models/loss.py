@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastft import _backend
-from fastft.runtime import release_free_heap
 from fastft.models import Adapter, HeadTransform, adapter_for, hf_fast, unwrap
 from fastft.models.hf_fast import packed_segments
 from fastft.models.recompute import recompute_cheap
 from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from fastft.ops.segments import block_causal_mask, segments_from_cu_seqlens, segments_from_position_ids
 from fastft.ops.tied_embedding import TiedGrad, tied_embedding
+from fastft.runtime import release_free_heap
 
 __all__ = ["CausalLMLoss", "attention_inputs", "causal_suffices", "ce_sum", "tied_head_grad"]
 
@@ -175,7 +175,7 @@ def tied_head_grad(lm: nn.Module, fused: bool):
     slot = TiedGrad()
     # an instance attribute shadows nn.Embedding.forward; __call__ (and its hooks: fastft's fp32
     # embedding cast, HF's input-requires-grad hook) stays as it is
-    emb.forward = lambda ids: tied_embedding(ids, emb.weight, slot, emb.padding_idx, emb.scale_grad_by_freq)
+    emb.forward = lambda input: tied_embedding(input, emb.weight, slot, emb.padding_idx, emb.scale_grad_by_freq)
     try:
         yield slot
     finally:
