@@ -53,3 +53,42 @@ def test_fastft_command_runs_on_huge_pages_unless_switched_off():
     assert "huge pages" in _env_malloc_line({})
     assert "default pages" in _env_malloc_line({"FASTFT_HUGEPAGES": "0"})
     assert "default pages" in _env_malloc_line({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+
+
+_HEAP_PROBE = """
+import sys, torch
+from fastft.runtime import release_free_heap
+
+def rss_anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+keep = []
+big = torch.ones(1024, 1024)
+del big  # a freed 4 MiB mapping lifts malloc's dynamic mmap threshold above 1 MiB
+junk = [torch.ones(256, 1024) for _ in range(300)]  # so these 300 x 1 MiB come from the heap, as a step's tensors do
+keep.append(torch.ones(128, 1024))  # 512 KiB allocated last: the heap's top stays in use, only its middle frees
+del junk
+before = rss_anon()
+ran = release_free_heap()
+print(ran, before - rss_anon())
+"""
+
+
+@pytest.mark.parametrize("huge", [False, True])
+@linux_only
+def test_release_free_heap_returns_freed_heap_pages(huge):
+    """300 MiB of freed 1 MiB tensors stay resident in malloc's heap; ``release_free_heap`` gives
+    them back (on default and on huge-page malloc), and ``FASTFT_TRIM_HEAP=0`` turns it off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FASTFT_TRIM_HEAP")}
+    if huge:
+        env["GLIBC_TUNABLES"] = TUNABLE
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    ran, freed = out.stdout.split()
+    if ran == "False":
+        pytest.skip("no glibc malloc_trim")
+    assert float(freed) > 200, out.stdout
+    off = subprocess.run([sys.executable, "-c", _HEAP_PROBE], env={**env, "FASTFT_TRIM_HEAP": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert off[0] == "False" and float(off[1]) < 50, off

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastft.runtime import trim_heap as _malloc_trim
+from fastft.runtime import release_free_heap as _malloc_trim
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -13,6 +13,9 @@ predicted at position t-1 (HF's shift), ``-100`` is ignored: exactly HF's
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +26,15 @@ from fastft.models.hf_fast import packed_segments
 from fastft.models.recompute import recompute_cheap
 from fastft.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from fastft.ops.segments import block_causal_mask, segments_from_cu_seqlens, segments_from_position_ids
+from fastft.ops.tied_embedding import TiedGrad, tied_embedding
+from fastft.runtime import release_free_heap
 
-__all__ = ["CausalLMLoss", "attention_inputs", "causal_suffices", "ce_sum"]
+__all__ = ["CausalLMLoss", "attention_inputs", "causal_suffices", "ce_sum", "tied_head_grad"]
 
 
 def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           label_smoothing: float, fused: bool, transform: HeadTransform = HeadTransform()) -> torch.Tensor:
+           label_smoothing: float, fused: bool, transform: HeadTransform = HeadTransform(),
+           weight_grad_to: TiedGrad | None = None) -> torch.Tensor:
     """Sum of token cross-entropies of ``transform(hidden @ weight.T + bias)``, fp32 scalar.
 
     Args:
@@ -37,11 +43,13 @@ def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         targets: (N,) int64 token ids.
         fused: use fastft.ops.fused_linear_cross_entropy (no (N, V) logits); False builds them.
         transform: the model's logit transform (scale, then soft-cap).
+        weight_grad_to: fused only: hand ``weight``'s gradient to the tied embedding's backward
+            (:func:`tied_head_grad`).
     """
     if fused:
         return fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum",
                                           label_smoothing=label_smoothing, softcap=transform.softcap,
-                                          logit_scale=transform.scale)
+                                          logit_scale=transform.scale, weight_grad_to=weight_grad_to)
     w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # fp32 tied head: as autocast
     logits = F.linear(hidden, w, None if bias is None else bias.to(hidden.dtype)).float()  # (N, V)
     return F.cross_entropy(transform.apply(logits), targets, reduction="sum", label_smoothing=label_smoothing)
@@ -117,12 +125,61 @@ _WARNED: set = set()
 def _warn_once_packed() -> None:
     if "packed" not in _WARNED:
         _WARNED.add("packed")
-        import warnings
-
         warnings.warn("fastft: packed rows run with a (B, 1, T, T) block mask and HF's attention (the model's "
                       "attention is not routed through fastft: unsupported architecture, model.fused_attention "
                       "off, attn_implementation other than sdpa, or gradient checkpointing)", RuntimeWarning,
                       stacklevel=3)
+
+
+def _tied_refusal(lm: nn.Module, emb: nn.Module) -> str | None:
+    """Why a trainable tied head/embedding must keep autograd's plain two-gradient path (None: it
+    need not)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP's reducer and FSDP fire on the weight's AccumulateGrad and view/shard its gradient
+        # (bucket views, flat parameters); the hand-off has only been checked in one process
+        return "torch.distributed is initialised (DDP/FSDP keep autograd's own path)"
+    if type(emb) is not nn.Embedding:  # e.g. Gemma's scaled embedding: its forward is not F.embedding
+        return f"the input embedding is a {type(emb).__name__}, not a plain nn.Embedding"
+    if emb.max_norm is not None or emb.sparse:
+        return "the input embedding has max_norm or sparse gradients"
+    if "forward" in vars(emb):
+        return "the input embedding's forward is already replaced"
+    return None
+
+
+@contextmanager
+def tied_head_grad(lm: nn.Module, fused: bool):
+    """While the decoder runs, route a trainable tied embedding through
+    :func:`fastft.ops.tied_embedding.tied_embedding`; yields its :class:`TiedGrad` (None when the
+    head is not tied, not trained, not fused, or where the plain path must stay, said once).
+
+    Why: the fused cross-entropy's (V, H) head gradient and the embedding's dense (V, H) gradient
+    (plus their sum) are all alive at the end of plain backward; with the hand-off only one is
+    (SmolLM2-135M fp32 full fine-tuning: 113 MB each, the step's peak RSS, benchmarks/README.md).
+    """
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    w = getattr(emb, "weight", None)
+    if not (fused and torch.is_grad_enabled() and head is not None and w is not None
+            and getattr(head, "weight", None) is w and w.requires_grad):
+        yield None
+        return
+    why = _tied_refusal(lm, emb)
+    if why is not None:
+        if ("tied", why) not in _WARNED:
+            _WARNED.add(("tied", why))
+            warnings.warn(f"fastft: the tied embedding/head weight gets two dense (V, H) gradients summed by "
+                          f"autograd (one more (V, H) buffer at the end of backward): {why}", RuntimeWarning,
+                          stacklevel=3)
+        yield None
+        return
+    slot = TiedGrad()
+    # an instance attribute shadows nn.Embedding.forward; __call__ (and its hooks: fastft's fp32
+    # embedding cast, HF's input-requires-grad hook) stays as it is
+    emb.forward = lambda input: tied_embedding(input, emb.weight, slot, emb.padding_idx, emb.scale_grad_by_freq)
+    try:
+        yield slot
+    finally:
+        del emb.forward
 
 
 class CausalLMLoss(nn.Module):
@@ -170,13 +227,20 @@ class CausalLMLoss(nn.Module):
         mask, segments = attention_inputs(lm, attention_mask, labels, position_ids, cu_seqlens)
         # saved RMSNorm/SwiGLU outputs are rebuilt in backward (fastft/models/recompute.py; a no-op
         # without grad, and inside checkpointed layers, whose own hooks take over)
-        with recompute_cheap(self.recompute_cheap), packed_segments(segments):
+        with recompute_cheap(self.recompute_cheap), packed_segments(segments), \
+                tied_head_grad(lm, self.fused_ce) as slot:
             out = lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 use_cache=False)
         h = out.last_hidden_state  # (B, T, H)
         hs = h[:, :-1][keep]  # (N, H)
         head = lm.get_output_embeddings()
-        loss = ce_sum(hs, head.weight, head.bias, targets[keep], ls, self.fused_ce, self.transform)
+        if h.device.type == "cpu" and torch.is_grad_enabled() and head.weight.requires_grad:
+            # the head's fresh (V, H) gradient and chunk buffer come next, on top of every
+            # activation: the step's peak. Free heap pages returned first don't count in it
+            # (full fine-tuning SmolLM2-135M fp32: peak RSS -160 MB, fastft/runtime.py)
+            release_free_heap()
+        loss = ce_sum(hs, head.weight, head.bias, targets[keep], ls, self.fused_ce, self.transform,
+                      weight_grad_to=slot if slot is not None and slot.armed else None)
         return loss, keep.sum()
 
     def _generic(self, lm, input_ids, attention_mask, position_ids, targets, keep, ls):

@@ -371,7 +371,7 @@ def check_labels() -> None:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, opts, reduction, chunk, backend):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, opts, reduction, chunk, backend, grad_to=None):
         h, y, idx, n_valid, N, row_mask = _prepare(hidden, weight, labels, bias, ignore_index)
         # fp32 weight with 16-bit hidden (fastft's fp32 tied embedding, fastft/train/precision.py): the
         # GEMMs run in the hidden dtype on a copy rounded once per call, as autocast would; dWeight
@@ -415,7 +415,7 @@ class _FusedLinearCE(torch.autograd.Function):
         ctx.row_mask = row_mask if deferred else None
         ctx.hidden_shape, ctx.w_dtype = hidden.shape, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
-        ctx.opts, ctx.chunk, ctx.backend = opts, chunk, backend
+        ctx.opts, ctx.chunk, ctx.backend, ctx.grad_to = opts, chunk, backend, grad_to
         if deferred:
             ctx.save_for_backward(h, w_run, bias, y)
         else:
@@ -464,11 +464,14 @@ class _FusedLinearCE(torch.autograd.Function):
             if g_scalar is not None and not _is_one(g_scalar):
                 dw.mul_(g_scalar)
             grad_w = dw.to(ctx.w_dtype)
+            dw = None
+            if ctx.grad_to is not None:  # tied embedding (fastft/ops/tied_embedding.py) adds into it and returns it
+                ctx.grad_to.grad, grad_w = grad_w, None
         if db is not None:
             if g_scalar is not None and not _is_one(g_scalar):
                 db.mul_(g_scalar)
             grad_b = db.to(ctx.b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _is_one(g: Tensor) -> bool:
@@ -485,7 +488,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
                                softcap: float | None = None, logit_scale: float = 1.0,
                                reduction: str = "mean",
                                chunk_size: int | None = None, return_z_loss: bool = False,
-                               return_accuracy: bool = False, backend: str | None = None):
+                               return_accuracy: bool = False, backend: str | None = None,
+                               weight_grad_to=None):
     """``F.cross_entropy(F.linear(hidden, weight, bias), labels)`` without the (N, V) logits.
 
     Args:
@@ -506,6 +510,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
         return_z_loss, return_accuracy: return a :class:`FusedCEOutput` instead of the loss.
         backend: force a backend ("cpu", "triton", "cuda", "torch"); default
             ``fastft._backend.choose_backend("cross_entropy", device)``.
+        weight_grad_to: a :class:`fastft.ops.tied_embedding.TiedGrad`: ``weight``'s gradient is
+            handed to it instead of returned, for the tied embedding's backward of the same forward
+            to add into (:func:`fastft.ops.tied_embedding.tied_embedding`); that backward must run.
     Returns:
         The fp32 loss (0-dim, or ``labels.shape`` for "none"), or a :class:`FusedCEOutput`.
     Raises:
@@ -524,7 +531,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
     be = _backend.choose_backend("cross_entropy", hidden.device, backend)
     opts = _Opts(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
     loss, zt, acc = _FusedLinearCE.apply(hidden, weight, bias, labels, int(ignore_index), opts,
-                                         reduction, chunk_size, be)
+                                         reduction, chunk_size, be, weight_grad_to)
     if not (return_z_loss or return_accuracy):
         return loss
     return FusedCEOutput(loss, zt if return_z_loss else None, acc if return_accuracy else None)

@@ -16,7 +16,7 @@ import click
 
 from fastft.config import Config, describe_keys, load_config, save_config
 from fastft.errors import ConfigError, UserError
-from fastft.runtime import trim_heap
+from fastft.runtime import release_free_heap
 from fastft.train.recipe import Recipe, seed_everything  # noqa: F401  (seed_everything: callers import it here)
 
 
@@ -170,7 +170,7 @@ def run(config: str | None, overrides: list[str], resume: bool = False, overwrit
     # matplotlib import and figure (~25 MB) then reuse that memory instead of raising the peak RSS
     recipe = trainer = model = bundle = None
     gc.collect()
-    trim_heap()
+    release_free_heap()
     if dist.is_main():
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
         if summary["interrupted"]:
